@@ -1,0 +1,1 @@
+"""The shared-memory channel between the server and its worker processes."""
