@@ -20,7 +20,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from tilert.engine.channel.layout import MAX_STOP_IDS, CommandFlags, CommandKind, Finish, WorkerState
+from tilert.engine.channel.layout import (
+    MAX_STOP_IDS,
+    CommandFlags,
+    CommandKind,
+    Finish,
+    WorkerState,
+)
 from tilert.engine.channel.segment import Segment
 from tilert.engine.errors import DuplicateRequest, EngineUnavailable, QueueFull, WorkerDied
 from tilert.engine.requests import Failed, GenerationRequest, Started, Token
@@ -93,8 +99,13 @@ class Engine:
         seg = Segment.create(self.prompt_capacity, tag="w")
         o = self.options
         cfg = WorkerConfig(
-            segment=seg.name, model=o.model, device=o.device, executor=o.executor,
-            dtype=o.dtype, max_positions=o.max_positions or None, parent_pid=os.getpid(),
+            segment=seg.name,
+            model=o.model,
+            device=o.device,
+            executor=o.executor,
+            dtype=o.dtype,
+            max_positions=o.max_positions or None,
+            parent_pid=os.getpid(),
             threads=o.threads,
         )
         proc = self._ctx.Process(target=run, args=(cfg,), name="tilert-worker", daemon=True)
@@ -312,11 +323,20 @@ class Engine:
                         if rec.seq != n + 1:
                             break
                         k = rec.n_top
-                        batch.append((rec.cmd_seq, Token(
-                            rec.token, rec.finish_reason, rec.logprob,
-                            tuple(rec.top_ids[:k]), tuple(rec.top_logprobs[:k]),
-                            rec.t_ns, time.monotonic_ns(),
-                        )))
+                        batch.append(
+                            (
+                                rec.cmd_seq,
+                                Token(
+                                    rec.token,
+                                    rec.finish_reason,
+                                    rec.logprob,
+                                    tuple(rec.top_ids[:k]),
+                                    tuple(rec.top_logprobs[:k]),
+                                    rec.t_ns,
+                                    time.monotonic_ns(),
+                                ),
+                            )
+                        )
                         n += 1
                     self._read = n
                     h.ring_read = n

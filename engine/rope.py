@@ -87,7 +87,9 @@ def _tables(key: tuple, dim: int, positions: int) -> tuple[torch.Tensor, torch.T
     return emb.cos() * scale, emb.sin() * scale
 
 
-def rope_tables(config: dict[str, Any], dim: int, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    config: dict[str, Any], dim: int, positions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     params = rope_parameters(config)
     key = tuple(sorted((k, v) for k, v in params.items() if not isinstance(v, (list, dict))))
     return _tables(key, dim, positions)

@@ -89,8 +89,9 @@ class Sampler:
         (EOS before min_new_tokens) are never picked."""
         logits = self.penalize(logits.float())
         if suppress:
-            logits = logits.index_fill(0, torch.as_tensor(list(suppress), device=logits.device),
-                                       float("-inf"))
+            logits = logits.index_fill(
+                0, torch.as_tensor(list(suppress), device=logits.device), float("-inf")
+            )
         if self.params.greedy:
             token = int(torch.argmax(logits))
         else:

@@ -37,9 +37,7 @@ class Tokenizer:
         self.bos_id = self._tk.token_to_id(spec.bos_token) if spec.bos_token else None
         self.chat_template = spec.chat_template
         self._template: Any = None
-        self.special_ids = {
-            i for i, t in self._tk.get_added_tokens_decoder().items() if t.special
-        }
+        self.special_ids = {i for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
 
     @property
     def vocab_size(self) -> int:
@@ -47,9 +45,9 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         ids = self._tk.encode(text, add_special_tokens=False).ids
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
-            if not ids or ids[0] != self.bos_id:
-                ids = [self.bos_id, *ids]
+        wants_bos = self.add_bos if add_bos is None else add_bos
+        if wants_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
         return ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
@@ -58,7 +56,9 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         return self._tk.decode([token_id], skip_special_tokens=False)
 
-    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         if self.chat_template is None:
             raise ChatTemplateError("the model has no chat template; send text or token ids")
         if self._template is None:

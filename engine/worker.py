@@ -76,7 +76,10 @@ class Worker:
         self.model = describe(ckpt.config, self.cfg.max_positions)
         self.device = torch.device(self.cfg.device)
         self.executor = make_executor(
-            self.cfg.executor, self.model, ckpt.tensors, self.cfg.device,
+            self.cfg.executor,
+            self.model,
+            ckpt.tensors,
+            self.cfg.device,
             getattr(torch, self.cfg.dtype),
         )
         self.eos_ids = set(ckpt.eos_token_ids)
@@ -149,9 +152,14 @@ class Worker:
         c = self.seg.command
         prompt = list(self.seg.prompt[: c.prompt_len])
         params = SamplingParams(
-            temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p,
-            repetition_penalty=c.repetition_penalty, presence_penalty=c.presence_penalty,
-            frequency_penalty=c.frequency_penalty, seed=c.seed,
+            temperature=c.temperature,
+            top_k=c.top_k,
+            top_p=c.top_p,
+            min_p=c.min_p,
+            repetition_penalty=c.repetition_penalty,
+            presence_penalty=c.presence_penalty,
+            frequency_penalty=c.frequency_penalty,
+            seed=c.seed,
         )
         stop_ids = set(c.stop_ids[: c.n_stop_ids])
         ignore_eos = bool(c.flags & CommandFlags.IGNORE_EOS)

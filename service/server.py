@@ -60,14 +60,19 @@ class Server:
         self.tokenizer = Tokenizer(ckpt.tokenizer)
         self.checkpoint = ckpt
         self.engine = Engine(
-            engine_options, self.model.context_length,
-            on_ready_change=self._on_ready_change, on_fatal=self._on_fatal,
+            engine_options,
+            self.model.context_length,
+            on_ready_change=self._on_ready_change,
+            on_fatal=self._on_fatal,
         )
 
     # -------------------------------------------------------------- health
     def _on_ready_change(self, ready: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ready else (
-            health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
         log.info("readiness: %s", "SERVING" if ready else "NOT_SERVING")
         asyncio.get_running_loop().create_task(self._health.set(SERVICE_NAME, status))
 
@@ -82,16 +87,24 @@ class Server:
         m, ck, eo = self.model, self.checkpoint, self.engine_options
         dtype = eo.dtype
         model_info = pb.ModelInfo(
-            name=ck.name, family=m.family, context_length=m.context_length,
-            vocab_size=m.vocab_size, eos_token_ids=ck.eos_token_ids,
-            has_chat_template=self.tokenizer.chat_template is not None, dtype=dtype,
+            name=ck.name,
+            family=m.family,
+            context_length=m.context_length,
+            vocab_size=m.vocab_size,
+            eos_token_ids=ck.eos_token_ids,
+            has_chat_template=self.tokenizer.chat_template is not None,
+            dtype=dtype,
         )
         server_info = pb.ServerInfo(
-            version=__version__, device=eo.device, executor=eo.executor,
-            max_queue=eo.max_queue, world_size=1,
+            version=__version__,
+            device=eo.device,
+            executor=eo.executor,
+            max_queue=eo.max_queue,
+            world_size=1,
         )
         limits = Limits(
-            context_length=m.context_length, vocab_size=m.vocab_size,
+            context_length=m.context_length,
+            vocab_size=m.vocab_size,
             default_max_new_tokens=self.options.default_max_new_tokens,
             max_prompt_tokens=self.options.max_prompt_tokens,
         )
@@ -118,7 +131,8 @@ class Server:
             from grpc_reflection.v1alpha import reflection
 
             reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
         if o.unix_socket:
             server.add_insecure_port(f"unix:{o.unix_socket}")
             where = f"unix:{o.unix_socket}"
@@ -134,8 +148,13 @@ class Server:
                 os.replace(tmp, o.port_file)
         await server.start()
         self.engine.attach(loop)
-        log.info("tilert %s listening on %s (model %s, worker pid %s)", __version__, where,
-                 self.checkpoint.name, self.engine.worker_pid)
+        log.info(
+            "tilert %s listening on %s (model %s, worker pid %s)",
+            __version__,
+            where,
+            self.checkpoint.name,
+            self.engine.worker_pid,
+        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         await self._stopping.wait()

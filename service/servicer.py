@@ -44,9 +44,7 @@ def parse_generate_request(data: bytes) -> pb.GenerateRequest | BadRequestBytes:
     except status.InvalidRequest as e:
         return BadRequestBytes(e)
     except (WireError, Exception) as e:  # DecodeError: invalid UTF-8 in a string field
-        return BadRequestBytes(
-            status.InvalidRequest("request", f"cannot parse the request: {e}")
-        )
+        return BadRequestBytes(status.InvalidRequest("request", f"cannot parse the request: {e}"))
 
 
 @dataclass
@@ -84,9 +82,14 @@ class TextGenerationService:
             async for ev in events:
                 if isinstance(ev, Started):
                     queue_ns = ev.queue_ns
-                    yield pb.GenerateResponse(request_id=rid, started=pb.Started(
-                        prompt_tokens=len(req.prompt), seed=req.sampling.seed,
-                        queue_time_ns=queue_ns))
+                    yield pb.GenerateResponse(
+                        request_id=rid,
+                        started=pb.Started(
+                            prompt_tokens=len(req.prompt),
+                            seed=req.sampling.seed,
+                            queue_time_ns=queue_ns,
+                        ),
+                    )
                     continue
                 assert isinstance(ev, Token)
                 reason = ev.finish_reason
@@ -103,10 +106,16 @@ class TextGenerationService:
                     if valid.return_token_ids:
                         chunk.token_ids.append(ev.token)
                     if req.logprobs:
-                        chunk.logprobs.append(pb.TokenLogprob(
-                            token_id=ev.token, logprob=ev.logprob,
-                            top=[pb.TopLogprob(token_id=t, logprob=v)
-                                 for t, v in zip(ev.top_ids, ev.top_logprobs, strict=True)]))
+                        chunk.logprobs.append(
+                            pb.TokenLogprob(
+                                token_id=ev.token,
+                                logprob=ev.logprob,
+                                top=[
+                                    pb.TopLogprob(token_id=t, logprob=v)
+                                    for t, v in zip(ev.top_ids, ev.top_logprobs, strict=True)
+                                ],
+                            )
+                        )
                 matched = text.matched
                 if matched is None and reason != Finish.NONE:
                     chunk.text += text.finish()
@@ -118,16 +127,23 @@ class TextGenerationService:
                 if matched is None and reason == Finish.NONE:
                     continue
                 finished = pb.Finished(
-                    reason=pb.FINISH_REASON_STOP_STRING if matched is not None
+                    reason=pb.FINISH_REASON_STOP_STRING
+                    if matched is not None
                     else _REASONS[reason],
-                    usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=n_tokens,
-                                   total_tokens=len(req.prompt) + n_tokens),
+                    usage=pb.Usage(
+                        prompt_tokens=len(req.prompt),
+                        completion_tokens=n_tokens,
+                        total_tokens=len(req.prompt) + n_tokens,
+                    ),
                     timing=pb.Timing(
                         queue_ns=queue_ns,
                         time_to_first_token_ns=(first_ns - arrived) if first_ns else 0,
                         decode_ns=last_ns - first_ns,
                         mean_inter_token_latency_ns=(last_ns - first_ns) // (n_tokens - 1)
-                        if n_tokens > 1 else 0))
+                        if n_tokens > 1
+                        else 0,
+                    ),
+                )
                 if matched is not None:
                     finished.stop_string = matched
                 elif reason == Finish.STOP_TOKEN:
@@ -171,9 +187,12 @@ class TextGenerationService:
             out = getattr(pb, m.output_type.name).SerializeToString
             if m.name == "Generate":
                 methods[m.name] = grpc.unary_stream_rpc_method_handler(
-                    fn, request_deserializer=parse_generate_request, response_serializer=out)
+                    fn, request_deserializer=parse_generate_request, response_serializer=out
+                )
             else:
                 methods[m.name] = grpc.unary_unary_rpc_method_handler(
-                    fn, request_deserializer=getattr(pb, m.input_type.name).FromString,
-                    response_serializer=out)
+                    fn,
+                    request_deserializer=getattr(pb, m.input_type.name).FromString,
+                    response_serializer=out,
+                )
         return grpc.method_handlers_generic_handler(svc.full_name, methods)

@@ -89,7 +89,9 @@ def _prompt_ids(req: pb.GenerateRequest, tok: Tokenizer, limits: Limits) -> list
 
 def _sampling(req: pb.GenerateRequest) -> SamplingParams:
     s = req.sampling
-    temperature = _finite("sampling.temperature", s.temperature) if s.HasField("temperature") else 1.0
+    temperature = (
+        _finite("sampling.temperature", s.temperature) if s.HasField("temperature") else 1.0
+    )
     if temperature < 0:
         raise InvalidRequest("sampling.temperature", f"must be >= 0, got {temperature:g}")
     top_k = s.top_k if s.HasField("top_k") else 0
@@ -103,7 +105,8 @@ def _sampling(req: pb.GenerateRequest) -> SamplingParams:
         raise InvalidRequest("sampling.min_p", f"must be in [0, 1], got {min_p:g}")
     rep = (
         _finite("sampling.repetition_penalty", s.repetition_penalty)
-        if s.HasField("repetition_penalty") else 1.0
+        if s.HasField("repetition_penalty")
+        else 1.0
     )
     if rep <= 0:
         raise InvalidRequest("sampling.repetition_penalty", f"must be > 0, got {rep:g}")
@@ -115,8 +118,13 @@ def _sampling(req: pb.GenerateRequest) -> SamplingParams:
         pens[name] = v
     seed = s.seed if s.HasField("seed") else secrets.randbits(63)
     return SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=rep, seed=seed, **pens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=rep,
+        seed=seed,
+        **pens,
     )
 
 
@@ -157,9 +165,7 @@ def validate(req: pb.GenerateRequest, tok: Tokenizer, limits: Limits) -> ValidRe
     n = len(prompt)
     max_prompt = min(limits.max_prompt_tokens or limits.context_length, limits.context_length - 1)
     if n > max_prompt:
-        raise InvalidRequest(
-            "prompt", f"the prompt has {n} tokens; the limit is {max_prompt}"
-        )
+        raise InvalidRequest("prompt", f"the prompt has {n} tokens; the limit is {max_prompt}")
     room = limits.context_length - n
     if st.HasField("max_new_tokens"):
         max_new = st.max_new_tokens

@@ -53,9 +53,7 @@ class Segment:
     def _bind(self, prompt_capacity: int, ring_slots: int) -> None:
         self._cap = prompt_capacity
         self.prompt = (ctypes.c_uint32 * prompt_capacity).from_buffer(self._mm, PROMPT_OFFSET)
-        self.ring = (TokenRecord * ring_slots).from_buffer(
-            self._mm, ring_offset(prompt_capacity)
-        )
+        self.ring = (TokenRecord * ring_slots).from_buffer(self._mm, ring_offset(prompt_capacity))
 
     @property
     def path(self) -> str:

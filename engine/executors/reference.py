@@ -39,13 +39,14 @@ class ReferenceExecutor:
                 t = tensors.get(name)
                 # FP8 weights stay FP8 (with their scales) for the ops that
                 # dequantize them; everything else runs in the executor dtype.
+                keep = model.float32_weights and name.endswith(model.float32_weights)
                 if t.is_floating_point() and t.element_size() > 1:
-                    t = t.to(dtype)
+                    t = t.to(torch.float32 if keep else dtype)
                 loaded[name] = t.to(self.device)
             return loaded[name]
 
         self.params: dict[str, Params] = {}
-        for op in (*model.prefill, *model.decode):
+        for op in (*model.prefill, *model.decode, *model.mtp):
             if op.name not in self.params:
                 self.params[op.name] = REGISTRY[op.kind].prepare(op, weight)
         self.caches = {
@@ -60,7 +61,13 @@ class ReferenceExecutor:
         self.length = 0
 
     def _run(
-        self, ops: Sequence[Op], ids: Sequence[int], trace: Trace | None, stop_after: str | None
+        self,
+        ops: Sequence[Op],
+        ids: Sequence[int],
+        trace: Trace | None,
+        stop_after: str | None,
+        inputs: dict[str, torch.Tensor] | None = None,
+        advance: bool = True,
     ) -> dict[str, torch.Tensor]:
         t = len(ids)
         if self.length + t > self.model.context_length:
@@ -71,13 +78,15 @@ class ReferenceExecutor:
         positions = torch.arange(self.length, self.length + t, device=self.device)
         ctx = StepContext(self.length, positions, self.caches)
         bufs = {"ids": torch.as_tensor(list(ids), dtype=torch.long, device=self.device)}
+        bufs.update(inputs or {})
         for op in ops:
             REGISTRY[op.kind].run(op, self.params[op.name], bufs, ctx)
             if trace is not None:
                 trace(op, bufs)
             if op.name == stop_after:
                 break
-        self.length += t
+        if advance:
+            self.length += t
         return bufs
 
     @torch.inference_mode()
@@ -94,3 +103,22 @@ class ReferenceExecutor:
     ) -> torch.Tensor:
         """Appends one token; returns its logits [vocab] float32."""
         return self._run(self.model.decode, [token], trace, stop_after).get("logits")
+
+    @torch.inference_mode()
+    def mtp(
+        self, ids: Sequence[int], hidden: torch.Tensor, start: int, *, trace: Trace | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Runs the draft head (model.mtp) over positions [start, start + len(ids)).
+
+        ids[j] is the token at position start + j + 1 and hidden[j] the main
+        model's last hidden state at position start + j; the head writes its
+        own caches and returns its buffers ("logits": the draft for position
+        start + len(ids) + 1). The main sequence's length is left as it is.
+        """
+        if not self.model.mtp:
+            raise ValueError("this model has no draft head")
+        length, self.length = self.length, start
+        try:
+            return self._run(self.model.mtp, ids, trace, None, {"h_main": hidden}, advance=False)
+        finally:
+            self.length = length

@@ -88,7 +88,9 @@ def load_hf_dir(folder: str, name: str | None = None) -> Checkpoint:
             if key == "__metadata__":
                 continue
             if info["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+                raise CheckpointError(
+                    f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}"
+                )
             shapes[key] = tuple(info["shape"])
             dtypes[key] = _DTYPES[info["dtype"]]
             where[key] = path

@@ -40,10 +40,17 @@ class ModelDescription:
     hidden_size: int
     # Expected shape of every checkpoint tensor the ops read.
     weight_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Ops of an optional draft head (DeepSeek's multi-token prediction layer):
+    # run on demand after a step, over its own caches; empty for most models.
+    mtp: list[Op] = field(default_factory=list)
+    # Name suffixes of tensors that stay float32 whatever the executor dtype
+    # (FP8 block scales, MoE routers), because rounding them changes results
+    # more than the activations' dtype does.
+    float32_weights: tuple[str, ...] = ()
 
     def weight_names(self) -> list[str]:
         seen: dict[str, None] = {}
-        for op in (*self.prefill, *self.decode):
+        for op in (*self.prefill, *self.decode, *self.mtp):
             for w in op.weights:
                 seen.setdefault(w, None)
         return list(seen)
