@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import json
 import logging
-import multiprocessing as mp
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,7 +33,7 @@ from tilert.engine.channel.layout import (
 from tilert.engine.channel.segment import Segment
 from tilert.engine.errors import DuplicateRequest, EngineUnavailable, QueueFull, WorkerDied
 from tilert.engine.requests import Failed, GenerationRequest, Started, Token
-from tilert.engine.worker import WorkerConfig, run
+from tilert.engine.worker import WorkerConfig
 
 log = logging.getLogger("tilert.engine")
 
@@ -75,8 +78,7 @@ class Engine:
         self.ready = False
         self.draining = False
         self.restarts = 0
-        self._ctx = mp.get_context("spawn")
-        self._proc: mp.process.BaseProcess | None = None
+        self._proc: subprocess.Popen | None = None
         self._seg: Segment | None = None
         self._seg_lock = threading.Lock()
         self._read = 0  # ring records consumed from the current segment
@@ -94,8 +96,8 @@ class Engine:
 
     # --------------------------------------------------------------- workers
     def spawn_worker(self) -> None:
-        """Creates a fresh segment and starts a worker on it. Safe to call
-        before the gRPC server exists (the worker is spawned, not forked)."""
+        """Creates a fresh segment and starts a worker on it. The worker is a
+        new interpreter (fork + exec), so this is safe once gRPC runs too."""
         seg = Segment.create(self.prompt_capacity, tag="w")
         o = self.options
         cfg = WorkerConfig(
@@ -108,9 +110,12 @@ class Engine:
             parent_pid=os.getpid(),
             threads=o.threads,
         )
-        proc = self._ctx.Process(target=run, args=(cfg,), name="tilert-worker", daemon=True)
         try:
-            proc.start()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tilert.engine.worker", json.dumps(dataclasses.asdict(cfg))],
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
         except Exception:
             seg.unlink()
             seg.close()
@@ -126,9 +131,10 @@ class Engine:
         """Ends the current worker for good (kill if needed) and frees its segment."""
         proc, seg = self._proc, self._seg
         if proc is not None:
-            if proc.is_alive():
+            if proc.poll() is None:
                 proc.kill()
-            proc.join(timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
         with self._seg_lock:
             self._seg = None
         if seg is not None:
@@ -188,7 +194,8 @@ class Engine:
         if seg is not None and seg.header is not None:
             seg.header.shutdown = 2
         if proc is not None:
-            proc.join(timeout=3)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=3)
         self._retire_worker("engine closed")
         if self._active is not None:
             self._fail(self._active, EngineUnavailable("the engine stopped"))
@@ -374,8 +381,8 @@ class Engine:
             h = seg.header
             now = time.monotonic()
             problem = None
-            if not proc.is_alive():
-                problem = f"worker exited with code {proc.exitcode}"
+            if proc.poll() is not None:
+                problem = f"worker exited with code {proc.returncode}"
             elif h.state == WorkerState.READY:
                 beat = h.heartbeat
                 if beat != self._beat[0]:

@@ -10,6 +10,7 @@ when the request is cancelled, and exits when the server goes away.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import sys
@@ -202,10 +203,15 @@ class Worker:
             self.publish(seq, -1, Finish.ERROR)
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # once: a second one must not interrupt cleanup
+    sys.exit(0)
+
+
 def worker_main(cfg: WorkerConfig) -> int:
     """Entry point of a spawned worker process."""
     _die_with_parent()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which drains
     if os.getppid() != cfg.parent_pid:
         return 0
@@ -215,19 +221,31 @@ def worker_main(cfg: WorkerConfig) -> int:
     h.state = WorkerState.LOADING
     worker = Worker(cfg, seg)
     try:
-        worker.load()
-    except Exception as e:
-        seg.set_error(f"{type(e).__name__}: {e}")
-        traceback.print_exc(file=sys.stderr)
-        h.state = WorkerState.FAILED
-        return 3
-    h.state = WorkerState.READY
-    try:
+        try:
+            worker.load()
+        except Exception as e:
+            seg.set_error(f"{type(e).__name__}: {e}")
+            traceback.print_exc(file=sys.stderr)
+            h.state = WorkerState.FAILED
+            return 3
+        h.state = WorkerState.READY
         worker.serve()
-    finally:
         h.state = WorkerState.EXITED
-    return 0
+        return 0
+    finally:
+        # The server owns the segment and unlinks it too; the worker unlinks
+        # its name as well, for the case where the server died without
+        # cleaning up (kill -9). getppid() cannot tell that case apart: the
+        # parent-death signal may arrive before the reparenting shows.
+        seg.unlink()
 
 
-def run(cfg: WorkerConfig) -> None:
-    sys.exit(worker_main(cfg))
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tilert.engine.worker '<WorkerConfig as JSON>'`: the command
+    line the server starts each worker with (explicit arguments, no pickle)."""
+    args = sys.argv[1:] if argv is None else argv
+    sys.exit(worker_main(WorkerConfig(**json.loads(args[0]))))
+
+
+if __name__ == "__main__":
+    main()

@@ -34,6 +34,14 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -112,7 +120,10 @@ class ServerProcess:
             raise RuntimeError(f"server not ready:\n{self.log()}")
 
     def worker_pids(self) -> list[int]:
-        return [p for p in children(self.pid) if pid_alive(p)]
+        """Live worker processes of this server."""
+        return [
+            p for p in children(self.pid) if pid_alive(p) and "tilert.engine.worker" in cmdline(p)
+        ]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
