@@ -55,7 +55,7 @@ def register(name: str, prepare: Callable[[Op, WeightFn], Params] | None = None)
 
 def _load_all() -> None:
     # Importing the modules registers their kinds.
-    from tilert.engine.ops import attention, common  # noqa: F401
+    from tilert.engine.ops import attention, common, fp8, indexer, mla, moe  # noqa: F401
 
 
 _load_all()
