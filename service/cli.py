@@ -33,13 +33,13 @@ def main() -> None:
     show_default=True,
     help="0 picks a free port (see --port-file).",
 )
-@click.option("--unix-socket", default=None, help="Listen on this unix socket instead.")
+@click.option("--unix-socket", default=None, help="Also listen on this unix socket.")
 @click.option("--port-file", default=None, help="Write the bound port to this file.")
 @click.option(
     "--device", default="cpu", envvar="TILERT_DEVICE", show_default=True, help="cpu or cuda[:N]."
 )
 @click.option(
-    "--executor", default="reference", show_default=True, type=click.Choice(["reference"])
+    "--executor", default="reference", show_default=True, type=click.Choice(["reference", "graph"])
 )
 @click.option(
     "--dtype",
@@ -146,6 +146,11 @@ def serve(
         click.echo(f"error: cannot load the model: {e}", err=True)
         sys.exit(2)
     sys.exit(server.run())
+
+
+from tilert.engine.tools.make_checkpoint import command as _make_checkpoint  # noqa: E402
+
+main.add_command(_make_checkpoint, "make-checkpoint")
 
 
 if __name__ == "__main__":

@@ -133,19 +133,18 @@ class Server:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
+        port = server.add_insecure_port(f"{o.host}:{o.port}")
+        if port == 0:
+            raise RuntimeError(f"cannot bind {o.host}:{o.port}")
+        where = f"{o.host}:{port}"
         if o.unix_socket:
             server.add_insecure_port(f"unix:{o.unix_socket}")
-            where = f"unix:{o.unix_socket}"
-        else:
-            port = server.add_insecure_port(f"{o.host}:{o.port}")
-            if port == 0:
-                raise RuntimeError(f"cannot bind {o.host}:{o.port}")
-            where = f"{o.host}:{port}"
-            if o.port_file:
-                tmp = f"{o.port_file}.tmp"
-                with open(tmp, "w") as f:
-                    f.write(str(port))
-                os.replace(tmp, o.port_file)
+            where += f" and unix:{o.unix_socket}"
+        if o.port_file:
+            tmp = f"{o.port_file}.tmp"
+            with open(tmp, "w") as f:
+                f.write(str(port))
+            os.replace(tmp, o.port_file)
         await server.start()
         self.engine.attach(loop)
         log.info(

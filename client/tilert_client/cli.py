@@ -142,6 +142,8 @@ def _read_prompt(prompt: str | None) -> str:
     if prompt is None and _stdin_is_tty():
         raise click.UsageError("give a PROMPT, or pipe one on stdin")
     text = sys.stdin.read()
+    if not text.strip():
+        raise click.UsageError("the prompt on stdin is empty")
     # `echo "question" | tilert-client generate` should not send the newline
     # that echo appended; any other whitespace is the user's.
     return text[:-1] if text.endswith("\n") else text
