@@ -13,9 +13,14 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVICE = "tilert.v1.TextGeneration"
+
+# The servers under test run their own worker processes on the same cores;
+# one thread here keeps the oracle's OpenMP regions from stalling on them.
+torch.set_num_threads(1)
 
 
 def shm_segments(pid: int) -> list[str]:

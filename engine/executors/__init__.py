@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-EXECUTORS = ("reference",)
+EXECUTORS = ("reference", "graph")
 
 
 def make_executor(name: str, model: Any, tensors: Any, device: str, dtype: torch.dtype) -> Any:
@@ -15,4 +15,8 @@ def make_executor(name: str, model: Any, tensors: Any, device: str, dtype: torch
         from tilert.engine.executors.reference import ReferenceExecutor
 
         return ReferenceExecutor(model, tensors, device=device, dtype=dtype)
+    if name == "graph":
+        from tilert.engine.executors.graph import GraphExecutor
+
+        return GraphExecutor(model, tensors, device=device, dtype=dtype)
     raise ValueError(f"unknown executor {name!r}; choose from {', '.join(EXECUTORS)}")

@@ -48,7 +48,12 @@ class ReferenceExecutor:
         self.params: dict[str, Params] = {}
         for op in (*model.prefill, *model.decode, *model.mtp):
             if op.name not in self.params:
-                self.params[op.name] = REGISTRY[op.kind].prepare(op, weight)
+                params = REGISTRY[op.kind].prepare(op, weight)
+                # Tables that prepare computes (RoPE cos/sin) live with the weights.
+                self.params[op.name] = {
+                    k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                    for k, v in params.items()
+                }
         self.caches = {
             name: torch.zeros(
                 (model.context_length, *shape), dtype=cache_dtype or dtype, device=self.device

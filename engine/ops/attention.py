@@ -36,7 +36,7 @@ def rope_kv_append(op: Op, p: Params, bufs: dict[str, torch.Tensor], ctx: StepCo
         q = rms_norm(q, p["q_norm"], a["eps"])
         k = rms_norm(k, p["k_norm"], a["eps"])
     cos, sin = p["cos"][ctx.positions], p["sin"][ctx.positions]
-    q = apply_rope(q, cos, sin)
+    q = apply_rope(q, cos, sin).to(qkv.dtype)
     k = apply_rope(k, cos, sin)
     k_cache, v_cache = ctx.caches[a["k_cache"]], ctx.caches[a["v_cache"]]
     k_cache[ctx.start : ctx.end] = k.to(k_cache.dtype)
@@ -51,14 +51,17 @@ def gqa_attention(op: Op, p: Params, bufs: dict[str, torch.Tensor], ctx: StepCon
     q = bufs[op.inputs[0]]
     t, hq, d = q.shape
     group = hq // a["kv_heads"]
-    k = ctx.caches[a["k_cache"]][: ctx.end].transpose(0, 1)  # [Hkv, L, D]
-    v = ctx.caches[a["v_cache"]][: ctx.end].transpose(0, 1)
+    # The caches are [positions, Hkv, D]; bmm over heads wants K as [Hkv, D, L]
+    # and V as [Hkv, L, D] (one copy of V is cheaper than a strided bmm).
+    k = ctx.caches[a["k_cache"]][: ctx.end].permute(1, 2, 0)
+    v = ctx.caches[a["v_cache"]][: ctx.end].transpose(0, 1).contiguous()
     qg = q.transpose(0, 1).reshape(a["kv_heads"], group * t, d)  # heads of a group share k/v
-    scores = torch.matmul(qg, k.transpose(1, 2)).float() * (1.0 / math.sqrt(d))
+    scores = torch.bmm(qg, k.to(q.dtype)).float() * (1.0 / math.sqrt(d))
     if t > 1:
-        rows = torch.arange(t).repeat(group) + ctx.start  # position of each query row
-        cols = torch.arange(ctx.end)
+        dev = scores.device
+        rows = torch.arange(t, device=dev).repeat(group) + ctx.start  # query row positions
+        cols = torch.arange(ctx.end, device=dev)
         scores = scores.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # [Hkv, group*T, D]
+    out = torch.bmm(probs, v)  # [Hkv, group*T, D]
     bufs[op.outputs[0]] = out.view(hq, t, d).transpose(0, 1).reshape(t, hq * d)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One GPU run: environment, offline install, kernel build, GPU tests, decode
+# benchmark. Logs go to $OUT (or ./out); a short table is printed last.
+# Every step has its own time limit so that one hang cannot eat the run.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export PYTHONUNBUFFERED=1 TILERT_CACHE=${TILERT_CACHE:-/tmp/tilert-cache}
+TEST_TIMEOUT=${TEST_TIMEOUT:-240}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-240}
+status=()
+
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2
+  shift 2
+  echo "=== $name (limit ${secs}s)"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$secs" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  status+=("$name rc=$rc $((SECONDS - t0))s")
+  return $rc
+}
+
+step env 60 bash -c 'nvidia-smi; python3 -c "import torch,grpc,google.protobuf,transformers,sys;
+print(sys.version); print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0));
+print(\"grpc\", grpc.__version__, \"protobuf\", google.protobuf.__version__, \"transformers\", transformers.__version__)"; nvcc --version | tail -2'
+
+# Offline editable install; if pip cannot, put a namespace of links on PYTHONPATH.
+if ! step install 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e client -e .; then
+  ns=$(mktemp -d)/site
+  mkdir -p "$ns/tilert"
+  ln -s "$PWD/engine" "$ns/tilert/engine"
+  ln -s "$PWD/service" "$ns/tilert/service"
+  ln -s "$PWD/client/tilert_client" "$ns/tilert_client"
+  export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
+  echo "install failed: using PYTHONPATH=$PYTHONPATH"
+fi
+
+step build 300 env TILERT_DUMP_SASS=1 python3 -m tilert.engine.cuda.build
+cp "$TILERT_CACHE"/libtilert_*.so.log "$OUT/ptxas.log" 2>/dev/null
+
+for t in kernels graph_executor serve_gpu; do
+  step "tests_$t" "$TEST_TIMEOUT" python3 -m pytest -m gpu "tests/gpu/test_$t.py" --confcutdir=tests/gpu \
+    -p no:cacheprovider -q -rfEs --tb=short --durations=5 --timeout=120 -o addopts=""
+done
+
+step bench "$BENCH_TIMEOUT" python3 benchmarks/bench_decode.py --json "$OUT/bench_decode.json" ${BENCH_ARGS:-}
+
+echo
+echo "=== summary"
+printf '%s\n' "${status[@]}"
+grep -hE "passed|failed|error" "$OUT"/tests_*.log | grep -v "^E " | tail -n 4
+sed -n '/^NVIDIA\|^H100\|^H200\|GB\/s (read/,$p' "$OUT/bench.log" | tail -n 12

@@ -1,0 +1,63 @@
+// Launchers for GQA decode attention, one instantiation per (head dim, group size).
+#include <utility>
+
+#include "attention.cuh"
+#include "launch.cuh"
+
+namespace tilert {
+
+template <int kD, int kG>
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const __grid_constant__ AttnParams p) {
+  attention_tile<kD, kG>(p, blockIdx.x, blockIdx.y);
+}
+
+template <int kD>
+int launch_attention(const AttnParams& p, int group, void* stream, int pdl) {
+  const dim3 grid(p.kv_heads, p.splits), block(kAttnThreads);
+  switch (group) {
+    case 1: return launch(attention_kernel<kD, 1>, grid, block, 0, stream, pdl, p);
+    case 2: return launch(attention_kernel<kD, 2>, grid, block, 0, stream, pdl, p);
+    case 3: return launch(attention_kernel<kD, 3>, grid, block, 0, stream, pdl, p);
+    case 4: return launch(attention_kernel<kD, 4>, grid, block, 0, stream, pdl, p);
+    case 5: return launch(attention_kernel<kD, 5>, grid, block, 0, stream, pdl, p);
+    case 6: return launch(attention_kernel<kD, 6>, grid, block, 0, stream, pdl, p);
+    case 7: return launch(attention_kernel<kD, 7>, grid, block, 0, stream, pdl, p);
+    case 8: return launch(attention_kernel<kD, 8>, grid, block, 0, stream, pdl, p);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+}  // namespace tilert
+
+using namespace tilert;
+
+extern "C" {
+
+int tilert_attention_supported(int head_dim, int group) {
+  return (head_dim == 64 || head_dim == 128) && group >= 1 && group <= 8;
+}
+
+int tilert_attention(const void* q, const void* k_cache, const void* v_cache, void* out,
+                     const int* pos, float* part_o, float* part_ml, int* tickets, int heads,
+                     int kv_heads, int head_dim, int splits, float scale, void* stream, int pdl) {
+  AttnParams p = {};
+  p.q = static_cast<const bf16*>(q);
+  p.k_cache = static_cast<const bf16*>(k_cache);
+  p.v_cache = static_cast<const bf16*>(v_cache);
+  p.out = static_cast<bf16*>(out);
+  p.pos = pos;
+  p.part_o = part_o;
+  p.part_ml = part_ml;
+  p.tickets = tickets;
+  p.heads = heads;
+  p.kv_heads = kv_heads;
+  p.splits = splits;
+  p.scale = scale;
+  if (splits < 1 || splits > kMaxAttnSplits) return static_cast<int>(cudaErrorInvalidValue);
+  const int group = heads / kv_heads;
+  if (head_dim == 64) return launch_attention<64>(p, group, stream, pdl);
+  if (head_dim == 128) return launch_attention<128>(p, group, stream, pdl);
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // extern "C"

@@ -1,0 +1,83 @@
+// Shared device helpers for the tile kernels: vector loads, reductions and the
+// programmatic-dependent-launch (PDL) primitives. Framework-free on purpose:
+// nothing here knows about PyTorch, so the same device functions can be called
+// from the thin __global__ wrappers now and from a persistent kernel later.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace tilert {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kWarp = 32;
+
+// NOTES: weights are read exactly once per token, so they must not displace the
+// activations that every block re-reads from L1; the no-allocate hint keeps
+// them out of L1, and the 256B L2 prefetch hint widens each DRAM request.
+__device__ __forceinline__ uint4 ld_weight(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// PDL: a kernel launched with programmatic stream serialization may start while
+// the previous one drains. Everything before pdl_wait() may only touch data that
+// no earlier kernel of the step writes (weights, tables); pdl_wait() returns once
+// the previous grid has completed and its writes are visible. Both are no-ops when
+// the launch did not ask for PDL.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the whole block; `scratch` holds one float per warp. All threads get it.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = (blockDim.x + kWarp - 1) / kWarp;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float t = lane < warps ? scratch[lane] : 0.f;
+  return warp_sum(t);
+}
+
+// Eight bf16 packed in 16 bytes, dotted in fp32.
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
+  const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* pb = reinterpret_cast<const __nv_bfloat162*>(&b);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 x = __bfloat1622float2(pa[i]);
+    float2 y = __bfloat1622float2(pb[i]);
+    s = fmaf(x.x, y.x, s);
+    s = fmaf(x.y, y.y, s);
+  }
+  return s;
+}
+
+__device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
+
+}  // namespace tilert

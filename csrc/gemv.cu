@@ -1,0 +1,91 @@
+// Launchers for the GEMV tile (and the embedding gather that feeds the first one).
+#include <utility>
+
+#include "gemv.cuh"
+#include "launch.cuh"
+
+namespace tilert {
+
+constexpr int kGemvThreads = 256;
+
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constant__ GemvParams p) {
+  extern __shared__ __align__(16) char smem[];
+  gemv_tile(p, blockIdx.x, smem);
+}
+
+__global__ void embed_kernel(const bf16* table, const int* ids, bf16* x, int hidden) {
+  pdl_launch_dependents();
+  pdl_wait();  // the id may come from the previous step's sampler
+  const uint4* row = reinterpret_cast<const uint4*>(table + (size_t)ids[0] * hidden);
+  for (int v = threadIdx.x; v < hidden / 8; v += blockDim.x) reinterpret_cast<uint4*>(x)[v] = row[v];
+}
+
+}  // namespace tilert
+
+using namespace tilert;
+
+extern "C" {
+
+// Returns a cudaError_t. Shapes were checked by the Python binding layer.
+int tilert_gemv(const void* w, const void* x, const void* norm_w, const void* bias,
+                const void* residual, void* out, const float* cos, const float* sin,
+                const int* pos, void* k_cache, void* v_cache, const void* q_norm,
+                const void* k_norm, float* part_max, int* part_idx, int n, int k, int epilogue,
+                int pairs, int pairs_per_tile, int ksplit, int inter, int heads, int kv_heads,
+                int head_dim, float eps, void* stream, int pdl) {
+  GemvParams p = {};
+  p.w = static_cast<const bf16*>(w);
+  p.x = static_cast<const bf16*>(x);
+  p.norm_w = static_cast<const bf16*>(norm_w);
+  p.bias = static_cast<const bf16*>(bias);
+  p.residual = static_cast<const bf16*>(residual);
+  p.out = out;
+  p.cos = cos;
+  p.sin = sin;
+  p.pos = pos;
+  p.k_cache = static_cast<bf16*>(k_cache);
+  p.v_cache = static_cast<bf16*>(v_cache);
+  p.q_norm = static_cast<const bf16*>(q_norm);
+  p.k_norm = static_cast<const bf16*>(k_norm);
+  p.part_max = part_max;
+  p.part_idx = part_idx;
+  p.n = n;
+  p.k = k;
+  p.epilogue = epilogue;
+  p.pairs = pairs;
+  p.pairs_per_tile = pairs_per_tile;
+  p.ksplit = ksplit;
+  p.inter = inter;
+  p.heads = heads;
+  p.kv_heads = kv_heads;
+  p.head_dim = head_dim;
+  p.eps = eps;
+  const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;
+  const int smem = gemv_smem_bytes(k, pairs_per_tile);
+  if (smem > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(gemv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return static_cast<int>(e);
+  }
+  return launch(gemv_kernel, dim3(tiles), dim3(kGemvThreads), smem, stream, pdl, p);
+}
+
+int tilert_embed(const void* table, const int* ids, void* x, int hidden, void* stream, int pdl) {
+  return launch(embed_kernel, dim3(1), dim3(256), 0, stream, pdl, static_cast<const bf16*>(table),
+                ids, static_cast<bf16*>(x), hidden);
+}
+
+int tilert_gemv_tiles(int pairs, int pairs_per_tile) {
+  return (pairs + pairs_per_tile - 1) / pairs_per_tile;
+}
+
+// Device address of pinned host memory (the sampler writes the token there).
+int tilert_host_device_pointer(void* host, void** device) {
+  return static_cast<int>(cudaHostGetDevicePointer(device, host, 0));
+}
+
+const char* tilert_error_string(int code) {
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+}  // extern "C"

@@ -1,0 +1,366 @@
+"""The graph executor: the decode step lowered to CUDA tile kernels (csrc/), one
+launch per fused op, captured once into a CUDA graph and replayed per token.
+
+Lowering folds the model description's ops into launches:
+  embedding                          -> embed
+  rmsnorm + linear [+ rope_kv_append] -> GEMV, norm prologue, RoPE + KV append epilogue
+  rmsnorm + linear + silu_mul        -> GEMV, norm prologue, SiLU-and-multiply epilogue
+  linear (second input)              -> GEMV, residual-add epilogue
+  gqa_attention                      -> split-K decode attention
+  rmsnorm + lm_head                  -> GEMV to fp32 logits + per-tile argmax, then sample
+Every launch uses programmatic dependent launch, so a kernel starts reading its
+weights while the previous one drains. The token, position and sampling settings
+live in device memory, written by one small host-to-device copy before each
+replay, so the graph never changes; the sampler writes the next token id to
+pinned host memory, and reading it is the step's only host synchronization.
+
+Prefill runs the reference ops on the GPU, batched over the prompt (it writes
+the same caches). Weights, caches and the RoPE tables are those the reference
+executor prepares, so nothing is held twice.
+
+`trace` is called after every op only in eager mode (`eager=True` or when
+`stop_after` is given, for bisecting against the reference); a replayed step
+calls it once, with the last op. Buffers exposed to trace: x, q, attn, act,
+logits (norm outputs, qkv and gate|up never reach memory).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+
+import numpy
+import torch
+
+from tilert.engine.checkpoint import TensorSource
+from tilert.engine.cuda import kernels
+from tilert.engine.executors.reference import ReferenceExecutor
+from tilert.engine.models.base import ModelDescription, Op
+from tilert.engine.sampling import SamplingParams
+
+Trace = Callable[[Op, dict[str, torch.Tensor]], None]
+
+_STAGING_SLOTS = 8  # pinned step-input buffers in flight (prefill enqueues many steps)
+
+
+class GraphExecutor:
+    def __init__(
+        self,
+        model: ModelDescription,
+        tensors: TensorSource,
+        *,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        eager: bool = False,
+        pdl: bool = True,
+    ) -> None:
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError("the graph executor needs a CUDA device (--device cuda)")
+        if dtype != torch.bfloat16:
+            raise ValueError(f"the graph executor runs bfloat16 only, not {dtype}")
+        if model.family != "llama":
+            raise NotImplementedError(f"the graph executor has no kernels for {model.family!r} yet")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.model = model
+        self.dtype = dtype
+        self.eager = eager
+        self.pdl = pdl
+        with torch.cuda.device(self.device):
+            self._ref = ReferenceExecutor(model, tensors, device=self.device, dtype=dtype)
+            self._setup()
+        self.length = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    # ------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        dev, m = self.device, self.model
+        kernels.lib()  # build (or load) before anything is captured
+        # Step inputs, one copy per step: int32 token, int32 position, SampleConfig.
+        self._step_in = torch.zeros(8 + kernels.SAMPLE_CONFIG_BYTES, dtype=torch.uint8, device=dev)
+        self._ids = self._step_in[0:4].view(torch.int32)
+        self._pos = self._step_in[4:8].view(torch.int32)
+        self._cfg = self._step_in[8:]
+        self._staging = [
+            torch.zeros_like(self._step_in, device="cpu").pin_memory()
+            for _ in range(_STAGING_SLOTS)
+        ]
+        self._staged = [torch.cuda.Event() for _ in range(_STAGING_SLOTS)]
+        self._used = [False] * _STAGING_SLOTS
+        self._slot = 0
+        self._token_host = torch.zeros(1, dtype=torch.int32).pin_memory()
+        self._token_dev = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.bufs: dict[str, torch.Tensor] = {}
+        self._rope_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._attn_ws: kernels.AttentionWorkspace | None = None
+        self.launches = self._lower(m.decode)
+
+    def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = self.bufs.get(name)
+        if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+            t = torch.zeros(shape, dtype=dtype, device=self.device)
+            self.bufs[name] = t
+        return t
+
+    def _params(self, op: Op) -> dict:
+        return self._ref.params[op.name]
+
+    def _lower(self, ops: Sequence[Op]) -> list[kernels.Launch]:
+        launches: list[kernels.Launch] = []
+        bf = torch.bfloat16
+        hidden = self.model.hidden_size
+        i = 0
+
+        def consumes(j: int, name: str) -> bool:
+            return j < len(ops) and len(ops[j].inputs) > 0 and ops[j].inputs[0] == name
+
+        while i < len(ops):
+            op = ops[i]
+            if op.kind == "embedding":
+                x = self._buf(op.outputs[0], (hidden,), bf)
+                la = kernels.embed(self._params(op)["table"], self._ids, x)
+                la.ops = (op,)
+                launches.append(la)
+                i += 1
+                continue
+            if op.kind == "gqa_attention":
+                launches.append(self._lower_attention(op))
+                i += 1
+                continue
+            norm: Op | None = None
+            if op.kind == "rmsnorm":
+                if not consumes(i + 1, op.outputs[0]) or ops[i + 1].kind not in (
+                    "linear",
+                    "lm_head",
+                ):
+                    raise NotImplementedError(f"{op.name}: a norm not followed by its GEMV")
+                norm, op = op, ops[i + 1]
+                i += 1
+            if op.kind == "linear":
+                nxt = ops[i + 1] if i + 1 < len(ops) else None
+                if (
+                    nxt is not None
+                    and consumes(i + 1, op.outputs[0])
+                    and nxt.kind in ("rope_kv_append", "silu_mul")
+                ):
+                    la = self._lower_linear(norm, op, nxt)
+                    i += 2
+                else:
+                    la = self._lower_linear(norm, op, None)
+                    i += 1
+                launches.append(la)
+                continue
+            if op.kind == "lm_head":
+                launches.extend(self._lower_lm_head(norm, op))
+                i += 1
+                continue
+            raise NotImplementedError(f"{op.name}: op kind {op.kind!r} has no kernel yet")
+        return launches
+
+    def _lower_linear(self, norm: Op | None, op: Op, epi: Op | None) -> kernels.Launch:
+        p = self._params(op)
+        w = p["weight"]
+        n = w.shape[0]
+        x = self.bufs[op.inputs[0]] if norm is None else self.bufs[norm.inputs[0]]
+        common = dict(
+            norm_weight=self._params(norm)["weight"] if norm is not None else None,
+            eps=float(norm.attrs["eps"]) if norm is not None else 1e-6,
+        )
+        covered = tuple(o for o in (norm, op, epi) if o is not None)
+        if epi is not None and epi.kind == "rope_kv_append":
+            a, rp = epi.attrs, self._params(epi)
+            q = self._buf(epi.outputs[0], (a["heads"], a["head_dim"]), torch.bfloat16)
+            cos, sin = self._tables(rp, a["head_dim"])
+            rope = kernels.Rope(
+                heads=a["heads"],
+                kv_heads=a["kv_heads"],
+                head_dim=a["head_dim"],
+                cos=cos,
+                sin=sin,
+                pos=self._pos,
+                k_cache=self._ref.caches[a["k_cache"]],
+                v_cache=self._ref.caches[a["v_cache"]],
+                q_norm=rp.get("q_norm"),
+                k_norm=rp.get("k_norm"),
+                eps=float(a["eps"]),
+            )
+            la = kernels.gemv(w, x, q, epilogue="rope_kv", bias=p.get("bias"), rope=rope, **common)
+        elif epi is not None and epi.kind == "silu_mul":
+            act = self._buf(epi.outputs[0], (n // 2,), torch.bfloat16)
+            la = kernels.gemv(w, x, act, epilogue="silu_mul", bias=p.get("bias"), **common)
+        else:
+            residual = self.bufs[op.inputs[1]] if len(op.inputs) > 1 else None
+            out = self._buf(op.outputs[0], (n,), torch.bfloat16)
+            la = kernels.gemv(
+                w, x, out, epilogue="store", bias=p.get("bias"), residual=residual, **common
+            )
+        la.ops = covered
+        return la
+
+    def _tables(self, rp: dict, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = id(rp["cos"])
+        if key not in self._rope_tables:
+            self._rope_tables[key] = (
+                rp["cos"].to(self.device, torch.float32).contiguous(),
+                rp["sin"].to(self.device, torch.float32).contiguous(),
+            )
+        return self._rope_tables[key]
+
+    def _lower_attention(self, op: Op) -> kernels.Launch:
+        a = op.attrs
+        q = self.bufs[op.inputs[0]]
+        heads, d = q.shape
+        k_cache, v_cache = self._ref.caches[a["k_cache"]], self._ref.caches[a["v_cache"]]
+        if self._attn_ws is None:  # layers run one after another: one workspace serves all
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            splits = kernels.attention_splits(self.model.context_length, a["kv_heads"], sms)
+            self._attn_ws = kernels.AttentionWorkspace.make(
+                heads, a["kv_heads"], d, splits, self.device
+            )
+        out = self._buf(op.outputs[0], (heads * d,), torch.bfloat16)
+        la = kernels.attention(q, k_cache, v_cache, out, self._pos, self._attn_ws)
+        la.ops = (op,)
+        return la
+
+    def _lower_lm_head(self, norm: Op | None, op: Op) -> list[kernels.Launch]:
+        w = self._params(op)["weight"]
+        n, k = w.shape
+        x = self.bufs[op.inputs[0]] if norm is None else self.bufs[norm.inputs[0]]
+        logits = self._buf(op.outputs[0], (n,), torch.float32)
+        tiles = kernels.logits_tiles(n, k)
+        part_max = self._buf("lm_head.part_max", (tiles,), torch.float32)
+        part_idx = self._buf("lm_head.part_idx", (tiles,), torch.int32)
+        head = kernels.gemv(
+            w,
+            x,
+            logits,
+            epilogue="logits",
+            part_max=part_max,
+            part_idx=part_idx,
+            norm_weight=self._params(norm)["weight"] if norm is not None else None,
+            eps=float(norm.attrs["eps"]) if norm is not None else 1e-6,
+        )
+        head.ops = tuple(o for o in (norm, op) if o is not None)
+        pick = kernels.sample(logits, part_max, part_idx, self._cfg, self._ids, self._token_host)
+        return [head, pick]
+
+    # ------------------------------------------------------------ running
+    def _stage(self, token: int, config: bytes) -> None:
+        """Enqueues the copy of (token, position, sampling settings) for the next step."""
+        s = self._slot
+        self._slot = (s + 1) % _STAGING_SLOTS
+        if self._used[s]:
+            self._staged[s].synchronize()  # its previous copy must have left the buffer
+        buf = self._staging[s]
+        packed = struct.pack("<ii", token, self.length) + config
+        buf.numpy()[:] = numpy.frombuffer(packed, dtype=numpy.uint8)
+        self._step_in.copy_(buf, non_blocking=True)
+        self._staged[s].record()
+        self._used[s] = True
+
+    def _run_eager(self, trace: Trace | None, stop_after: str | None) -> None:
+        for la in self.launches:
+            la(pdl=False)
+            for op in la.ops:
+                if trace is not None:
+                    trace(op, self._trace_bufs())
+                if op.name == stop_after:
+                    return
+
+    def _trace_bufs(self) -> dict[str, torch.Tensor]:
+        views = {}
+        for name, t in self.bufs.items():
+            if name in ("logits",) or "." in name:
+                views[name] = t
+            else:
+                views[name] = t.view(1, *t.shape)
+        return views
+
+    def _capture(self) -> None:
+        # Warm up outside capture: the first launch of each kernel loads its module
+        # and sets its attributes, neither of which may happen while capturing.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                for la in self.launches:
+                    la(side.cuda_stream, pdl=self.pdl)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            stream = torch.cuda.current_stream().cuda_stream
+            for la in self.launches:
+                la(stream, pdl=self.pdl)
+        self._graph = graph
+
+    def _step(self, token: int, config: bytes, trace: Trace | None, stop_after: str | None) -> None:
+        if self.length >= self.model.context_length:
+            raise ValueError(
+                f"sequence of {self.length + 1} positions exceeds the context of "
+                f"{self.model.context_length}"
+            )
+        if not 0 <= token < self.model.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary of {self.model.vocab_size}")
+        with torch.cuda.device(self.device):
+            self._stage(token, config)
+            if self.eager or stop_after is not None:
+                self._run_eager(trace, stop_after)
+            else:
+                if self._graph is None:
+                    self._capture()
+                    self._stage(token, config)  # the warm-up consumed nothing, but be exact
+                assert self._graph is not None
+                self._graph.replay()
+                if trace is not None:
+                    trace(self.model.decode[-1], self._trace_bufs())
+        self.length += 1
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @torch.inference_mode()
+    def prefill(
+        self, ids: Sequence[int], *, trace: Trace | None = None, stop_after: str | None = None
+    ) -> torch.Tensor:
+        """Starts a new sequence; returns the last position's logits [vocab] float32.
+
+        The prompt runs through the reference ops on the GPU in one batched
+        pass (cuBLAS matrix products); it writes the same KV caches that the
+        decode kernels read, so decode continues from there."""
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        logits = self._ref.prefill(ids, trace=trace, stop_after=stop_after)
+        self.length = self._ref.length
+        return logits
+
+    @torch.inference_mode()
+    def decode(
+        self, token: int, *, trace: Trace | None = None, stop_after: str | None = None
+    ) -> torch.Tensor:
+        """Appends one token; returns its logits [vocab] float32 (a buffer the next
+        step overwrites)."""
+        self._step(int(token), kernels.sample_config(), trace, stop_after)
+        return self.bufs["logits"]
+
+    @torch.inference_mode()
+    def decode_token(self, token: int, sampling: SamplingParams | None = None) -> int:
+        """Appends one token and returns the next one, chosen on the GPU: greedy,
+        or temperature / top-k / top-p / min-p with a Philox stream keyed by the
+        seed and the position. Reading the id is the only host synchronization.
+        Repetition, presence and frequency penalties are not applied on the GPU
+        (sample from decode()'s logits on the host for those)."""
+        sp = sampling or SamplingParams(temperature=0.0)
+        if sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty:
+            raise NotImplementedError("penalties are applied by the host sampler, not on the GPU")
+        config = kernels.sample_config(
+            temperature=sp.temperature,
+            top_k=sp.top_k,
+            top_p=sp.top_p,
+            min_p=sp.min_p,
+            seed=sp.seed,
+            step=self.length,
+        )
+        self._step(int(token), config, None, None)
+        torch.cuda.current_stream(self.device).synchronize()
+        return int(self._token_host[0])

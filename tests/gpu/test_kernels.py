@@ -1,0 +1,336 @@
+"""Every csrc/ kernel against the reference ops, on fresh random inputs at real
+sizes and odd ones. Unused KV-cache slots hold NaN: a kernel that reads past the
+sequence fails. Tolerances are those of bf16 outputs (8 bits of mantissa)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from tilert.engine.cuda import kernels
+from tilert.engine.models.base import Op
+from tilert.engine.ops import REGISTRY, StepContext
+from tilert.engine.sampling import Sampler, SamplingParams
+
+DEV = "cuda"
+BF = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    yield seed
+
+
+def close_bf16(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    a, e = actual.float().cpu(), expected.float().cpu()
+    assert torch.isfinite(a).all(), f"{what}: non-finite output"
+    # two bf16 roundings apart at most, relative to the output's scale
+    tol = 2 * 2.0**-8 * e.abs().max().item()
+    torch.testing.assert_close(a, e, rtol=2 * 2.0**-8, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def run_ref(kind: str, op: Op, weights: dict, bufs: dict, ctx: StepContext | None = None) -> dict:
+    params = REGISTRY[kind].prepare(op, lambda n: weights[n])
+    ctx = ctx or StepContext(0, torch.zeros(1, dtype=torch.long), {})
+    REGISTRY[kind].run(op, params, bufs, ctx)
+    return bufs
+
+
+GEMV_SHAPES = [(2048, 2048), (2048, 8192), (8192 * 2, 2048), (576, 576), (1000, 576), (7, 264)]
+
+
+@pytest.mark.parametrize("n,k", GEMV_SHAPES)
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_gemv_store(n, k, norm, residual):
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF)
+    x = torch.randn(k, device=DEV).to(BF)
+    nw = (1 + 0.1 * torch.randn(k, device=DEV)).to(BF)
+    res = torch.randn(n, device=DEV).to(BF)
+    h = x
+    if norm:
+        h = run_ref(
+            "rmsnorm",
+            Op("n", "rmsnorm", ("x",), ("h",), ("nw",), {"eps": 1e-5}),
+            {"nw": nw},
+            {"x": x[None]},
+        )["h"][0]
+    inputs = ("h", "r") if residual else ("h",)
+    ref = run_ref(
+        "linear",
+        Op("l", "linear", inputs, ("y",), ("w",)),
+        {"w": w},
+        {"h": h[None], "r": res[None]},
+    )["y"][0]
+    out = torch.full((n,), float("nan"), device=DEV, dtype=BF)
+    kernels.gemv(
+        w, x, out, norm_weight=nw if norm else None, eps=1e-5, residual=res if residual else None
+    )()
+    close_bf16(out, ref, f"gemv {n}x{k} norm={norm} residual={residual}")
+
+
+def test_gemv_store_residual_in_place():
+    n, k = 2048, 2048
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF)
+    a = torch.randn(k, device=DEV).to(BF)
+    x = torch.randn(n, device=DEV).to(BF)
+    ref = (x.float() + (w @ a).float()).to(BF)
+    kernels.gemv(w, a, x, residual=x)()
+    close_bf16(x, ref, "o_proj residual in place")
+
+
+@pytest.mark.parametrize("inter,k", [(8192, 2048), (1536, 576), (2048 * 3 + 8, 2048), (5, 72)])
+def test_gemv_silu_mul(inter, k):
+    w = (torch.randn(2 * inter, k, device=DEV) / k**0.5).to(BF)
+    x = torch.randn(k, device=DEV).to(BF)
+    nw = (1 + 0.1 * torch.randn(k, device=DEV)).to(BF)
+    bufs = {"x": x[None]}
+    run_ref("rmsnorm", Op("n", "rmsnorm", ("x",), ("h",), ("nw",), {"eps": 1e-6}), {"nw": nw}, bufs)
+    run_ref("linear", Op("l", "linear", ("h",), ("gu",), ("w",)), {"w": w}, bufs)
+    run_ref("silu_mul", Op("a", "silu_mul", ("gu",), ("act",)), {}, bufs)
+    out = torch.full((inter,), float("nan"), device=DEV, dtype=BF)
+    kernels.gemv(w, x, out, epilogue="silu_mul", norm_weight=nw, eps=1e-6)()
+    close_bf16(out, bufs["act"][0], f"gate_up+silu {inter}x{k}")
+
+
+ROPE_CASES = [
+    # heads, kv_heads, head_dim, pos, bias, qk_norm
+    (32, 8, 64, 1000, False, False),  # Llama-3.2-1B
+    (9, 3, 64, 0, False, False),  # SmolLM2-135M
+    (14, 2, 64, 77, True, False),  # Qwen2 (biases)
+    (16, 8, 128, 300, False, True),  # Qwen3 (per-head q/k norm)
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,pos,bias,qk_norm", ROPE_CASES)
+def test_gemv_rope_kv_append(heads, kv_heads, d, pos, bias, qk_norm):
+    k, positions = 2048, 2048
+    n = (heads + 2 * kv_heads) * d
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF)
+    x = torch.randn(k, device=DEV).to(BF)
+    nw = (1 + 0.1 * torch.randn(k, device=DEV)).to(BF)
+    b = (0.5 * torch.randn(n, device=DEV)).to(BF) if bias else None
+    qn = (1 + 0.1 * torch.randn(d, device=DEV)).to(BF)
+    kn = (1 + 0.1 * torch.randn(d, device=DEV)).to(BF)
+    config = {
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    }
+    # Reference: norm and projection in bf16 on the GPU, RoPE and append in fp32 on the CPU.
+    bufs = {"x": x[None]}
+    run_ref("rmsnorm", Op("n", "rmsnorm", ("x",), ("h",), ("nw",), {"eps": 1e-5}), {"nw": nw}, bufs)
+    lin = Op("l", "linear", ("h",), ("qkv",), ("w",), {"bias": ["b"] if bias else None})
+    run_ref("linear", lin, {"w": w, "b": b}, bufs)
+    rope_op = Op(
+        "r",
+        "rope_kv_append",
+        ("qkv",),
+        ("q",),
+        ("qn", "kn") if qk_norm else (),
+        {
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "head_dim": d,
+            "eps": 1e-5,
+            "qk_norm": qk_norm,
+            "k_cache": "k",
+            "v_cache": "v",
+            "config": config,
+            "max_positions": positions,
+        },
+    )
+    ref_k = torch.full((positions, kv_heads, d), float("nan"))
+    ref_v = torch.full((positions, kv_heads, d), float("nan"))
+    ctx = StepContext(pos, torch.tensor([pos]), {"k": ref_k, "v": ref_v})
+    ref_bufs = {"qkv": bufs["qkv"].float().cpu()}
+    run_ref(
+        "rope_kv_append", rope_op, {"qn": qn.float().cpu(), "kn": kn.float().cpu()}, ref_bufs, ctx
+    )
+
+    params = REGISTRY["rope_kv_append"].prepare(rope_op, lambda name: {"qn": qn, "kn": kn}[name])
+    kc = torch.full((positions, kv_heads, d), float("nan"), device=DEV, dtype=BF)
+    vc = torch.full((positions, kv_heads, d), float("nan"), device=DEV, dtype=BF)
+    q = torch.full((heads, d), float("nan"), device=DEV, dtype=BF)
+    rope = kernels.Rope(
+        heads,
+        kv_heads,
+        d,
+        params["cos"].to(DEV).contiguous(),
+        params["sin"].to(DEV).contiguous(),
+        torch.tensor([pos], dtype=torch.int32, device=DEV),
+        kc,
+        vc,
+        qn if qk_norm else None,
+        kn if qk_norm else None,
+        eps=1e-5,
+    )
+    kernels.gemv(w, x, q, epilogue="rope_kv", norm_weight=nw, eps=1e-5, bias=b, rope=rope)()
+    what = f"qkv+rope H={heads}/{kv_heads} D={d} pos={pos}"
+    close_bf16(q, ref_bufs["q"][0], what + " q")
+    close_bf16(kc[pos], ref_k[pos], what + " k")
+    close_bf16(vc[pos], ref_v[pos], what + " v")
+    others = torch.ones(positions, dtype=torch.bool)
+    others[pos] = False
+    assert torch.isnan(kc[others.to(DEV)]).all() and torch.isnan(vc[others.to(DEV)]).all(), (
+        f"{what}: wrote outside position {pos}"
+    )
+
+
+ATTN_CASES = [
+    # heads, kv_heads, head_dim, length, positions
+    (32, 8, 64, 1024, 2048),  # Llama-3.2-1B at 1K
+    (32, 8, 64, 1, 2048),
+    (32, 8, 64, 4095, 4096),
+    (9, 3, 64, 333, 512),  # SmolLM2
+    (16, 2, 128, 100, 256),
+    (8, 8, 128, 17, 64),
+    (28, 4, 128, 2049, 8192),
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,length,positions", ATTN_CASES)
+def test_attention(heads, kv_heads, d, length, positions):
+    kc = torch.full((positions, kv_heads, d), float("nan"), device=DEV, dtype=BF)
+    vc = torch.full((positions, kv_heads, d), float("nan"), device=DEV, dtype=BF)
+    kc[:length] = torch.randn(length, kv_heads, d, device=DEV).to(BF)
+    vc[:length] = torch.randn(length, kv_heads, d, device=DEV).to(BF)
+    q = (2 * torch.randn(heads, d, device=DEV)).to(BF)
+    op = Op(
+        "a",
+        "gqa_attention",
+        ("q",),
+        ("attn",),
+        (),
+        {"kv_heads": kv_heads, "k_cache": "k", "v_cache": "v"},
+    )
+    ctx = StepContext(length - 1, torch.tensor([length - 1], device=DEV), {"k": kc, "v": vc})
+    # The reference op on fp32 copies of the same bf16 inputs: the kernel keeps
+    # scores and probabilities in fp32, which the bf16 reference rounds.
+    ctx = StepContext(length - 1, ctx.positions, {"k": kc.float(), "v": vc.float()})
+    ref = run_ref("gqa_attention", op, {}, {"q": q.float()[None]}, ctx)["attn"][0]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for splits in sorted({1, kernels.attention_splits(positions, kv_heads, sms), 7}):
+        ws = kernels.AttentionWorkspace.make(heads, kv_heads, d, splits, DEV)
+        out = torch.full((heads * d,), float("nan"), device=DEV, dtype=BF)
+        pos = torch.tensor([length - 1], dtype=torch.int32, device=DEV)
+        for _ in range(2):  # twice: the merge ticket must be back at zero
+            kernels.attention(q, kc, vc, out, pos, ws)()
+        close_bf16(out, ref, f"attention H={heads}/{kv_heads} D={d} L={length} splits={splits}")
+        assert (ws.tickets == 0).all()
+
+
+@pytest.mark.parametrize("vocab,k", [(128256, 2048), (49152, 576), (1001, 264)])
+def test_lm_head_logits_and_greedy(vocab, k):
+    w = torch.randn(vocab, k, device=DEV).to(BF)
+    x = torch.randn(k, device=DEV).to(BF)
+    nw = (1 + 0.1 * torch.randn(k, device=DEV)).to(BF)
+    h = run_ref(
+        "rmsnorm",
+        Op("n", "rmsnorm", ("x",), ("h",), ("nw",), {"eps": 1e-5}),
+        {"nw": nw},
+        {"x": x[None]},
+    )["h"][0]
+    ref = w.float() @ h.float()  # fp32 logits (the kernel keeps them fp32)
+    tiles = kernels.logits_tiles(vocab, k)
+    logits = torch.empty(vocab, device=DEV)
+    pm = torch.empty(tiles, device=DEV)
+    pi = torch.empty(tiles, dtype=torch.int32, device=DEV)
+    kernels.gemv(
+        w, x, logits, epilogue="logits", norm_weight=nw, eps=1e-5, part_max=pm, part_idx=pi
+    )()
+    torch.testing.assert_close(logits.cpu(), ref.cpu(), rtol=1e-4, atol=1e-3 * ref.abs().max())
+    cfg = torch.tensor(list(kernels.sample_config()), dtype=torch.uint8, device=DEV)
+    tok_dev = torch.zeros(1, dtype=torch.int32, device=DEV)
+    tok_host = torch.zeros(1, dtype=torch.int32).pin_memory()
+    kernels.sample(logits, pm, pi, cfg, tok_dev, tok_host)()
+    torch.cuda.synchronize()
+    assert int(tok_host[0]) == int(tok_dev[0]) == int(torch.argmax(logits))
+
+
+SAMPLING_CASES = [
+    SamplingParams(temperature=1.0, seed=1),
+    SamplingParams(temperature=0.7, top_k=20, seed=2),
+    SamplingParams(temperature=1.3, top_p=0.8, seed=3),
+    SamplingParams(temperature=1.0, min_p=0.05, seed=4),
+    SamplingParams(temperature=0.9, top_k=50, top_p=0.9, min_p=0.02, seed=5),
+]
+
+
+@pytest.mark.parametrize(
+    "sp", SAMPLING_CASES, ids=lambda s: f"T{s.temperature}k{s.top_k}p{s.top_p}m{s.min_p}"
+)
+def test_sampling_distribution(sp):
+    vocab, parts, draws = 1000, 125, 3000
+    logits = (3 * torch.randn(vocab, device=DEV)).float()
+    pm, pi = logits.view(parts, -1).max(dim=1)
+    pi = (pi + torch.arange(parts, device=DEV) * (vocab // parts)).int()
+    tok_dev = torch.zeros(1, dtype=torch.int32, device=DEV)
+    tok_host = torch.zeros(1, dtype=torch.int32).pin_memory()
+    counts = torch.zeros(vocab)
+    for step in range(draws):
+        cfg = torch.tensor(
+            list(
+                kernels.sample_config(sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed, step)
+            ),
+            dtype=torch.uint8,
+            device=DEV,
+        )
+        kernels.sample(logits, pm, pi.contiguous(), cfg, tok_dev, tok_host)()
+        torch.cuda.synchronize()
+        counts[int(tok_host[0])] += 1
+    # The host sampler defines the truncated distribution.
+    host = Sampler(sp, vocab, [], "cpu")
+    expected = torch.softmax(host.truncate(logits.cpu()), dim=-1)
+    outside = counts[expected == 0].sum().item()
+    assert outside == 0, f"{outside} draws outside the truncated set"
+    tv = 0.5 * (counts / draws - expected).abs().sum().item()
+    # TV distance of an exact sampler over ~k outcomes at n draws is ~ sqrt(k / n) / 2.
+    support = int((expected > 0).sum())
+    assert tv < 0.6 * math.sqrt(min(support, draws) / draws) + 0.02, f"TV distance {tv:.3f}"
+    # Same seed and step give the same token.
+    again = []
+    for _ in range(2):
+        cfg = torch.tensor(
+            list(
+                kernels.sample_config(sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed, 12345)
+            ),
+            dtype=torch.uint8,
+            device=DEV,
+        )
+        kernels.sample(logits, pm, pi.contiguous(), cfg, tok_dev, tok_host)()
+        torch.cuda.synchronize()
+        again.append(int(tok_host[0]))
+    assert again[0] == again[1]
+
+
+def test_embed():
+    table = torch.randn(5000, 2048, device=DEV).to(BF)
+    ids = torch.tensor([4321], dtype=torch.int32, device=DEV)
+    x = torch.empty(2048, device=DEV, dtype=BF)
+    kernels.embed(table, ids, x)()
+    assert torch.equal(x, table[4321])
+
+
+def test_binding_rejects_bad_tensors():
+    w = torch.randn(64, 64, device=DEV).to(BF)
+    x = torch.randn(64, device=DEV).to(BF)
+    out = torch.empty(64, device=DEV, dtype=BF)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.gemv(w.float(), x, out)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.gemv(w.t(), x, out)
+    with pytest.raises(ValueError, match="shape"):
+        kernels.gemv(w, x[:32], out)
+    with pytest.raises(ValueError, match="on cpu"):
+        kernels.gemv(w, x.cpu(), out)

@@ -1,0 +1,52 @@
+"""Every csrc/*.cu compiles for sm_90a (no GPU needed; skipped without nvcc).
+
+Files compile in parallel with the same flags as the runtime build, so a
+compile error is caught in CI before any GPU run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tilert.engine.cuda import build
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("nvcc") is None and not os.environ.get("TILERT_NVCC"), reason="nvcc not on PATH"
+)
+
+
+def test_every_cu_compiles_for_sm90a(tmp_path):
+    units = [p for p in build.sources() if p.suffix == ".cu"]
+    assert units, "no .cu files under csrc/"
+    compiler = build.nvcc()
+
+    def one(src):
+        return build.compile_object(compiler, src, tmp_path / (src.stem + ".o"))
+
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        logs = list(pool.map(one, units))
+    spills = [
+        line
+        for log in logs
+        for line in log.splitlines()
+        if "spill" in line and not line.strip().startswith("0 bytes")
+    ]
+    spills = [s for s in spills if " 0 bytes spill stores, 0 bytes spill loads" not in s]
+    assert not spills, "register spills:\n" + "\n".join(spills)
+    r = subprocess.run(
+        [
+            compiler,
+            "-shared",
+            *build.ARCH_FLAGS,
+            "-o",
+            str(tmp_path / "lib.so"),
+            *[str(tmp_path / (u.stem + ".o")) for u in units],
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
