@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -14,6 +14,7 @@ from tilert.engine.engine import Engine
 from tilert.engine.requests import Started, Token
 from tilert.engine.tokenizer import Tokenizer
 from tilert.service import status
+from tilert.service.metrics import RequestObserver, finish_reason_label
 from tilert.service.text_stream import TextStream
 from tilert.service.validation import Limits, check_prompt_kinds, validate
 from tilert.service.wire import WireError, top_level_fields
@@ -54,6 +55,7 @@ class ServiceState:
     limits: Limits
     model_info: pb.ModelInfo
     server_info: pb.ServerInfo
+    observer: RequestObserver = field(default_factory=RequestObserver)
 
 
 class TextGenerationService:
@@ -74,6 +76,7 @@ class TextGenerationService:
             return
         req = valid.engine
         rid = req.request_id
+        rec = self.s.observer.begin(rid, arrived)
         text = TextStream(self.s.tokenizer, valid.stop_strings, valid.include_stop)
         n_tokens = 0
         queue_ns = first_ns = last_ns = 0
@@ -96,6 +99,7 @@ class TextGenerationService:
                 chunk = pb.TokenChunk()
                 if ev.token >= 0:
                     n_tokens += 1
+                    rec.token(ev.received_ns)
                     first_ns = first_ns or ev.received_ns
                     last_ns = ev.received_ns
                     if reason == Finish.STOP_TOKEN:
@@ -148,6 +152,9 @@ class TextGenerationService:
                     finished.stop_string = matched
                 elif reason == Finish.STOP_TOKEN:
                     finished.stop_token_id = ev.token
+                rec.finished(
+                    finish_reason_label(pb.FinishReason.Name(finished.reason)), len(req.prompt)
+                )
                 yield pb.GenerateResponse(request_id=rid, finished=finished)
                 await events.aclose()  # a stop string cancels the rest of the generation
                 return
