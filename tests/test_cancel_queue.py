@@ -75,9 +75,10 @@ def test_deadline_while_streaming(server):
 
 def test_deadline_while_queued_and_queue_full(server):
     with Client(server.target) as client:
-        busy = [client.stream("Count to a thousand:", **LONG) for _ in range(3)]
+        busy = [client.stream("Count to a thousand:", **LONG)]
         try:
-            _first_chunk(busy[0])  # one generating, two queued: the queue is full
+            _first_chunk(busy[0])  # generating; then two more fill the queue
+            busy += [client.stream("Count to a thousand:", **LONG) for _ in range(2)]
             deadline = time.monotonic() + 10
             while client.server_info().queue_depth < 2:
                 assert time.monotonic() < deadline
