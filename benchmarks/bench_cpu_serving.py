@@ -260,6 +260,12 @@ def main() -> None:
         default=0,
         help="torch threads of the serving worker (0: torch's default)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the in-process decode comparison (both sides)",
+    )
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
@@ -268,6 +274,7 @@ def main() -> None:
     p.add_argument("--json", default="bench_cpu_serving.json")
     p.add_argument("--port-file", default=f"/tmp/tilert-bench-{os.getpid()}.port")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     cpu = platform.processor() or platform.machine()
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), cpu)
