@@ -50,3 +50,19 @@ def test_every_cu_compiles_for_sm90a(tmp_path):
         text=True,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_prebuilt_library_needs_no_compiler(tmp_path, monkeypatch):
+    """Images without nvcc load the library named by TILERT_KERNELS_LIB."""
+    from tilert.engine.cuda import build
+
+    def no_nvcc() -> str:
+        raise AssertionError("nvcc must not be needed")
+
+    monkeypatch.setattr(build, "nvcc", no_nvcc)
+    lib = tmp_path / "libtilert.so"
+    monkeypatch.setenv("TILERT_KERNELS_LIB", str(lib))
+    with pytest.raises(build.BuildError):
+        build.library_path()
+    lib.write_bytes(b"\x7fELF")
+    assert build.library_path() == lib

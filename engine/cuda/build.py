@@ -9,6 +9,8 @@ Environment:
   TILERT_CACHE       cache folder (default ~/.cache/tilert)
   TILERT_NVCC        the nvcc to use (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc)
   TILERT_DUMP_SASS=1 also writes the library's SASS next to it (<lib>.sass)
+  TILERT_KERNELS_LIB a library built ahead of time (`build.py --out PATH`), loaded
+                     as is: images without a compiler (the container) use this
 
 The library is loaded with ctypes: extern "C" launch functions take raw device
 pointers and a cudaStream_t, so no PyTorch C++ headers are compiled (fast builds)
@@ -103,6 +105,11 @@ def compile_object(compiler: str, src: Path, obj: Path) -> str:
 
 def library_path() -> Path:
     """Path of the built library, building it if the cache lacks it."""
+    prebuilt = os.environ.get("TILERT_KERNELS_LIB")
+    if prebuilt:
+        if not os.path.isfile(prebuilt):
+            raise BuildError(f"TILERT_KERNELS_LIB={prebuilt} does not exist")
+        return Path(prebuilt)
     compiler = nvcc()
     out = cache_dir() / f"libtilert_{cache_key(compiler)}.so"
     if out.exists():
@@ -149,5 +156,23 @@ def load() -> ctypes.CDLL:
         return _lib
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python build.py [--out PATH]`: builds (or finds) the library and prints
+    its path; with --out, also copies it there (atomically)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", help="copy the built library to this path")
+    args = parser.parse_args(argv)
+    path = library_path()
+    if args.out:
+        tmp = f"{args.out}.tmp"
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, args.out)
+        path = Path(args.out)
+    print(path)
+
+
 if __name__ == "__main__":
-    print(library_path())
+    main()
