@@ -18,7 +18,9 @@ Method
     kernels in one CUDA graph, with and without programmatic dependent launch),
     torch+graph (a static-shape PyTorch decoder over the same weights captured
     by hand in a CUDA graph), torch.compile (the same decoder compiled with
-    mode="reduce-overhead"). An executor that fails is reported with its error.
+    mode="reduce-overhead"), hf-eager (transformers' LlamaForCausalLM over the
+    same weights with a StaticCache, eager). An executor that fails is reported
+    with its error.
 
 Writes JSON (--json) and prints one table and the command that reproduces it.
 """
@@ -225,6 +227,55 @@ def bench_reference(model, src, args):
     return time_steps(lambda t: int(torch.argmax(ex.decode(t))), args.warmup, args.steps)
 
 
+def bench_hf(cfg: dict, weights: dict, args):
+    """transformers eager (LlamaForCausalLM, bf16) over the same weights, with a
+    StaticCache: the library's own decode loop without compilation."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hcfg = LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hcfg).to(torch.bfloat16).eval()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    positions = cfg["max_position_embeddings"]
+    try:
+        cache = transformers.StaticCache(config=hcfg, max_cache_len=positions)
+    except TypeError:  # older signature
+        cache = transformers.StaticCache(
+            config=hcfg,
+            max_batch_size=1,
+            max_cache_len=positions,
+            device="cuda",
+            dtype=torch.bfloat16,
+        )
+    state = {"pos": args.context}
+    with torch.no_grad():
+        ids = torch.tensor([[i % cfg["vocab_size"] for i in range(args.context)]], device="cuda")
+        model(
+            ids,
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.arange(args.context, device="cuda"),
+        )
+
+    @torch.no_grad()
+    def step(tok: int) -> int:
+        p = state["pos"]
+        state["pos"] += 1
+        out = model(
+            torch.tensor([[tok]], device="cuda"),
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.tensor([p], device="cuda"),
+        )
+        return int(out.logits[0, -1].argmax())
+
+    return time_steps(step, args.warmup, args.steps)
+
+
 def static_stepper(dec: StaticDecoder, fn, context: int, graph: bool):
     ids = torch.zeros(1, dtype=torch.long, device="cuda")
     pos = torch.zeros(1, dtype=torch.long, device="cuda")
@@ -263,7 +314,10 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--executors", default="graph,graph-nopdl,torch+graph,reference,torch.compile")
+    ap.add_argument(
+        "--executors",
+        default="graph,graph-nopdl,torch+graph,reference,torch.compile,hf-eager",
+    )
     ap.add_argument("--json", default="bench_decode.json")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -287,7 +341,7 @@ def main() -> int:
         cfg = dict(WORKLOADS[wl])
         cfg["max_position_embeddings"] = args.context + args.warmup + args.steps + 64
         model = describe(cfg)
-        src, _ = random_source(cfg, "cuda")
+        src, weights = random_source(cfg, "cuda")
         wbytes = weight_bytes_per_token(cfg)
         floor = wbytes / bw
         res = {"weight_bytes": wbytes, "floor_ms": floor * 1e3, "executors": {}}
@@ -305,6 +359,8 @@ def main() -> int:
                     del ex
                 elif name == "reference":
                     times = bench_reference(model, src, args)
+                elif name == "hf-eager":
+                    times = bench_hf(cfg, weights, args)
                 elif name in ("torch+graph", "torch.compile"):
                     if graph_ex is None:
                         _, graph_ex = bench_graph(model, src, args, pdl=True)
