@@ -136,6 +136,8 @@ class Engine:
     def _retire_worker(self, reason: str) -> None:
         """Ends the current worker for good (kill if needed) and frees its segment."""
         proc, seg = self._proc, self._seg
+        if proc is None and seg is None:
+            return
         if proc is not None:
             if proc.poll() is None:
                 proc.kill()
