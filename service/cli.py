@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from tilert.engine.executors import EXECUTORS
 from tilert.service.version import __version__
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     default="reference",
     envvar="TILERT_EXECUTOR",
     show_default=True,
-    type=click.Choice(["reference", "graph"]),
+    type=click.Choice(EXECUTORS),
 )
 @click.option(
     "--dtype",

@@ -1,11 +1,15 @@
-"""Executors run a model description: `reference` (PyTorch ops, any device),
-later `graph` (CUDA tile kernels in one CUDA graph) and `persistent`."""
+"""Executors run a model description: `reference` (PyTorch ops, any device) and
+`graph` (CUDA tile kernels in one CUDA graph); `persistent` comes later.
+
+Importing this package stays light (no torch) so the command line can list
+the executors without loading PyTorch."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 EXECUTORS = ("reference", "graph")
 
