@@ -28,6 +28,16 @@ step env 60 bash -c 'nvidia-smi; python3 -c "import torch,grpc,google.protobuf,t
 print(sys.version); print(\"torch\", torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0));
 print(\"grpc\", grpc.__version__, \"protobuf\", google.protobuf.__version__, \"transformers\", transformers.__version__)"; nvcc --version | tail -2'
 
+# The committed gRPC stubs need grpcio >= 1.85 and protobuf >= 7.35; GPU images
+# may have older ones and no package index: use wheels carried in .whl/ if any.
+if ! python3 -c "import grpc, google.protobuf as p, sys
+g = tuple(map(int, grpc.__version__.split('.')[:2])); q = tuple(map(int, p.__version__.split('.')[:2]))
+sys.exit(0 if g >= (1, 85) and q >= (7, 35) else 1)" && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tilert-site .whl/*.whl
+  export PYTHONPATH="/tmp/tilert-site${PYTHONPATH:+:$PYTHONPATH}"
+  echo "using carried wheels: $(ls .whl)"
+fi
+
 # Offline editable install; if pip cannot, put a namespace of links on PYTHONPATH.
 if ! step install 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e client -e .; then
   ns=$(mktemp -d)/site
@@ -42,15 +52,20 @@ fi
 step build 300 env TILERT_DUMP_SASS=1 python3 -m tilert.engine.cuda.build
 cp "$TILERT_CACHE"/libtilert_*.so.log "$OUT/ptxas.log" 2>/dev/null
 
-for t in kernels graph_executor serve_gpu; do
+for t in kernels graph_executor serve_gpu deepseek_kernels; do
   step "tests_$t" "$TEST_TIMEOUT" python3 -m pytest -m gpu "tests/gpu/test_$t.py" --confcutdir=tests/gpu \
     -p no:cacheprovider -q -rfEs --tb=short --durations=5 --timeout=120 -o addopts=""
 done
 
 step bench "$BENCH_TIMEOUT" python3 benchmarks/bench_decode.py --json "$OUT/bench_decode.json" ${BENCH_ARGS:-}
+# DeepSeek-V3.2 MoE layer and FP8 GEMVs at the real geometry.
+step bench_deepseek_layer "$BENCH_TIMEOUT" python3 benchmarks/bench_deepseek_layer.py \
+  --json "$OUT/bench_deepseek_layer.json"
 
 echo
 echo "=== summary"
 printf '%s\n' "${status[@]}"
 grep -hE "passed|failed|error" "$OUT"/tests_*.log | grep -v "^E " | tail -n 4
-sed -n '/^NVIDIA\|^H100\|^H200\|GB\/s (read/,$p' "$OUT/bench.log" | tail -n 12
+sed -n '/^NVIDIA\|^H100\|^H200\|GB\/s (read/,$p' "$OUT/bench.log" | tail -n 14
+tail -n 10 "$OUT/bench_deepseek_layer.log"
+

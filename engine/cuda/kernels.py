@@ -368,3 +368,292 @@ def sample_config(
     return struct.pack(
         "<fiffQQ", temperature, top_k, top_p, min_p, seed & (2**64 - 1), step & (2**64 - 1)
     )
+
+
+# --------------------------------------------------------------------------
+# DeepSeek-V3 decode: FP8 block-scaled GEMV and the MoE block (csrc/fp8_gemv.cu,
+# csrc/moe.cu). Their symbols get their argtypes here, on first use.
+_U = ctypes.c_uint64
+_DEEPSEEK_SIGNATURES = {
+    "tilert_fp8_gemv": [_P] * 5 + [_I] * 7 + [_P, _I],
+    "tilert_moe_router": [_P, _P, _I] + [_P] * 5 + [_I] * 6 + [_F, _P, _I],
+    "tilert_moe_gate_up": [_P] * 5 + [_I] * 8 + [_P, _I],
+    "tilert_moe_down": [_P] * 6 + [_I] * 6 + [_P, _I],
+}
+_deepseek_ready = False
+FP8_BLOCK = 128
+
+
+def _dlib() -> ctypes.CDLL:
+    global _deepseek_ready
+    handle = lib()
+    if not _deepseek_ready:
+        for name, argtypes in _DEEPSEEK_SIGNATURES.items():
+            fn = getattr(handle, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+        _deepseek_ready = True
+    return handle
+
+
+def _fp8_weight(w: torch.Tensor, scale: torch.Tensor, name: str, device: torch.device) -> int:
+    """Checks an e4m3 matrix [out, in] and its block scales; returns the weight pointer."""
+    if w.dim() != 2:
+        raise ValueError(f"{name}: expected a matrix, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if k % 16:
+        raise ValueError(f"{name}: in={k} must be a multiple of 16 (16-byte rows)")
+    ptr = _check(w, name, torch.float8_e4m3fn, (n, k), device)
+    sshape = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
+    _check(scale, name + "_scale_inv", torch.float32, sshape, device, align=4)
+    return ptr
+
+
+def fp8_gemv_tiling(k: int) -> tuple[int, int, int]:
+    """(pairs per tile, K split, chunk in 16-byte vectors) for rows of K fp8 bytes:
+    eight warps a block; a row is cut so that each warp reads about 2-4 KiB of it,
+    each part a whole number of 128-byte lines."""
+    nvec = k // 16
+    ksplit = 1
+    while ksplit < 8 and nvec // (2 * ksplit) >= 128:
+        ksplit *= 2
+    chunk = math.ceil(math.ceil(nvec / ksplit) / 8) * 8
+    ksplit = math.ceil(nvec / chunk)
+    return max(1, 8 // ksplit), ksplit, chunk
+
+
+def fp8_gemv(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    residual: torch.Tensor | None = None,
+    tiling: tuple[int, int, int] | None = None,
+) -> Launch:
+    """out [N] = (residual [N] +) W x with W FP8 e4m3 [N, K] and its block scales
+    scale [ceil(N/128), ceil(K/128)] fp32 (dequantized W = W * scale per block).
+
+    x [K] bf16 or fp32; out [N] bf16 or fp32, residual of out's dtype (may be out).
+    K must be a multiple of 16. `tiling` overrides fp8_gemv_tiling (benchmarks)."""
+    dev = w.device
+    n, k = w.shape
+    wp = _fp8_weight(w, scale, "w", dev)
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"x: dtype {x.dtype}, expected bfloat16 or float32")
+    if out.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"out: dtype {out.dtype}, expected bfloat16 or float32")
+    xp = _check(x, "x", x.dtype, (k,), dev)
+    op = _check(out, "out", out.dtype, (n,), dev)
+    rp = _check(residual, "residual", out.dtype, (n,), dev, optional=True)
+    ppt, ksplit, chunk = tiling or fp8_gemv_tiling(k)
+    if not (ppt >= 1 and ksplit >= 1 and ppt * ksplit <= 64 and chunk % 8 == 0):
+        raise ValueError(f"fp8_gemv: bad tiling {(ppt, ksplit, chunk)}")
+    if ksplit * chunk < k // 16:
+        raise ValueError(f"fp8_gemv: tiling {(ppt, ksplit, chunk)} does not cover K={k}")
+    args = (
+        wp,
+        scale.data_ptr(),
+        xp,
+        rp,
+        op,
+        n,
+        k,
+        int(x.dtype == torch.float32),
+        int(out.dtype == torch.float32),
+        ppt,
+        ksplit,
+        chunk,
+    )
+    return Launch("fp8_gemv", _dlib().tilert_fp8_gemv, args, (w, scale, x, out, residual))
+
+
+@dataclass
+class RouterWorkspace:
+    logits: torch.Tensor  # [n_experts] fp32 scratch
+    ticket: torch.Tensor  # [1] int32, zero between launches
+
+    @staticmethod
+    def make(n_experts: int, device: Any) -> RouterWorkspace:
+        return RouterWorkspace(
+            torch.empty(n_experts, dtype=torch.float32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device),
+        )
+
+
+def moe_router(
+    x: torch.Tensor,
+    gate_w: torch.Tensor,
+    bias: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    ws: RouterWorkspace,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    scaling: float,
+) -> Launch:
+    """DeepSeek-V3 routing of one token, on the device (see engine/ops/moe.py route).
+
+    x [H] bf16; gate_w [E, H] fp32 or bf16; bias [E] fp32 (e_score_correction_bias);
+    writes ids [top_k] int32 (best first) and weights [top_k] fp32."""
+    dev = x.device
+    e, h = gate_w.shape
+    if gate_w.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"gate_w: dtype {gate_w.dtype}, expected float32 or bfloat16")
+    if h % 8:
+        raise ValueError(f"moe_router: hidden {h} must be a multiple of 8")
+    if not (1 <= n_group <= 32 and e % n_group == 0 and (n_group == 1 or e // n_group >= 2)):
+        raise ValueError(f"moe_router: {e} experts in {n_group} groups is not supported")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"moe_router: topk_group {topk_group} not in [1, {n_group}]")
+    if not (1 <= top_k <= 32 and top_k <= e // n_group * topk_group):
+        raise ValueError(f"moe_router: top_k {top_k} out of range")
+    args = (
+        _check(x, "x", torch.bfloat16, (h,), dev),
+        _check(gate_w, "gate_w", gate_w.dtype, (e, h), dev),
+        int(gate_w.dtype == torch.bfloat16),
+        _check(bias, "bias", torch.float32, (e,), dev, align=4),
+        _check(ws.logits, "logits", torch.float32, (e,), dev, align=4),
+        _check(ws.ticket, "ticket", torch.int32, (1,), dev, align=4),
+        _check(ids, "ids", torch.int32, (top_k,), dev, align=4),
+        _check(weights, "weights", torch.float32, (top_k,), dev, align=4),
+        e,
+        h,
+        top_k,
+        n_group,
+        topk_group,
+        int(norm_topk_prob),
+        float(scaling),
+    )
+    keep = (x, gate_w, bias, ids, weights, ws)
+    return Launch("moe_router", _dlib().tilert_moe_router, args, keep)
+
+
+@dataclass
+class MoeExperts:
+    """Device table of the experts' FP8 matrices and scales: int64 [6, E + 1] rows
+    gate, gate scale, up, up scale, down, down scale; column E is the shared expert
+    (zeros when there is none). The tensors are used in place (see csrc/moe.cuh)."""
+
+    table: torch.Tensor
+    n_experts: int
+    hidden: int
+    inter: int
+    shared_inter: int
+    keep: tuple
+
+    @staticmethod
+    def make(experts: list, shared: tuple | None = None) -> MoeExperts:
+        """experts: per expert (gate, gate_scale, up, up_scale, down, down_scale) with
+        gate/up [I, H] and down [H, I] float8_e4m3fn, scales fp32 block scales;
+        shared: the same for the shared expert(s) (intermediate may differ)."""
+        if not experts:
+            raise ValueError("MoeExperts: no experts")
+        dev = experts[0][0].device
+        inter, hidden = experts[0][0].shape
+        if inter % 16 or hidden % 16:
+            raise ValueError(f"MoeExperts: hidden {hidden}, inter {inter}: not multiples of 16")
+
+        def column(mats: tuple, i: int, name: str) -> list[int]:
+            if len(mats) != 6:
+                raise ValueError(f"{name}: expected (gate, gate_s, up, up_s, down, down_s)")
+            g, gs, u, us, d, ds = mats
+            _fp8_weight(g, gs, f"{name}.gate", dev)
+            _fp8_weight(u, us, f"{name}.up", dev)
+            _fp8_weight(d, ds, f"{name}.down", dev)
+            if g.shape != (i, hidden) or u.shape != (i, hidden) or d.shape != (hidden, i):
+                raise ValueError(
+                    f"{name}: gate {tuple(g.shape)} up {tuple(u.shape)} down {tuple(d.shape)}, "
+                    f"expected [{i}, {hidden}] and [{hidden}, {i}]"
+                )
+            return [t.data_ptr() for t in mats]
+
+        cols = [column(m, inter, f"expert {e}") for e, m in enumerate(experts)]
+        shared_inter = 0
+        if shared is not None:
+            shared_inter = shared[0].shape[0]
+            if shared_inter % 16:
+                raise ValueError(f"shared expert: inter {shared_inter} must be a multiple of 16")
+            cols.append(column(shared, shared_inter, "shared expert"))
+        else:
+            cols.append([0] * 6)
+        table = torch.tensor(cols, dtype=torch.int64).t().contiguous().to(dev)
+        keep = tuple(t for m in experts for t in m) + (tuple(shared) if shared else ())
+        return MoeExperts(table, len(experts), hidden, inter, shared_inter, keep)
+
+    def act_len(self, top_k: int) -> int:
+        return top_k * self.inter + self.shared_inter
+
+
+def moe_gate_up(
+    ex: MoeExperts,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    act: torch.Tensor,
+    *,
+    tiling: tuple[int, int, int] | None = None,
+) -> Launch:
+    """act = [silu(G_e x) * U_e x for e in ids] + [shared], each bf16 [inter].
+
+    x [H] bf16; ids [k] int32 and weights [k] fp32 from moe_router (read on the
+    device); act [k * inter + shared_inter] bf16."""
+    dev = x.device
+    (top_k,) = ids.shape
+    ppt, ksplit, chunk = tiling or fp8_gemv_tiling(ex.hidden)
+    if ksplit * chunk < ex.hidden // 16 or chunk % 8:
+        raise ValueError(f"moe_gate_up: bad tiling {(ppt, ksplit, chunk)}")
+    args = (
+        _check(ex.table, "table", torch.int64, (6, ex.n_experts + 1), dev),
+        _check(ids, "ids", torch.int32, (top_k,), dev, align=4),
+        _check(weights, "weights", torch.float32, (top_k,), dev, align=4),
+        _check(x, "x", torch.bfloat16, (ex.hidden,), dev),
+        _check(act, "act", torch.bfloat16, (ex.act_len(top_k),), dev),
+        ex.hidden,
+        ex.inter,
+        ex.shared_inter,
+        top_k,
+        ex.n_experts,
+        ppt,
+        ksplit,
+        chunk,
+    )
+    return Launch("moe_gate_up", _dlib().tilert_moe_gate_up, args, (ex, x, ids, weights, act))
+
+
+def moe_down(
+    ex: MoeExperts,
+    act: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    residual: torch.Tensor | None = None,
+    pairs_per_tile: int = 4,
+) -> Launch:
+    """out [H] bf16 = (residual +) sum_s weights[s] * D_ids[s] act[s] + D_shared act[k]."""
+    dev = act.device
+    (top_k,) = ids.shape
+    slots = top_k + (1 if ex.shared_inter else 0)
+    smem = ex.act_len(top_k) * 2 + 2 * pairs_per_tile * slots * 4
+    if smem > 200 * 1024:
+        raise ValueError(f"moe_down: {smem} bytes of shared memory needed")
+    args = (
+        _check(ex.table, "table", torch.int64, (6, ex.n_experts + 1), dev),
+        _check(ids, "ids", torch.int32, (top_k,), dev, align=4),
+        _check(weights, "weights", torch.float32, (top_k,), dev, align=4),
+        _check(act, "act", torch.bfloat16, (ex.act_len(top_k),), dev),
+        _check(residual, "residual", torch.bfloat16, (ex.hidden,), dev, optional=True),
+        _check(out, "out", torch.bfloat16, (ex.hidden,), dev),
+        ex.hidden,
+        ex.inter,
+        ex.shared_inter,
+        top_k,
+        ex.n_experts,
+        pairs_per_tile,
+    )
+    keep = (ex, act, ids, weights, residual, out)
+    return Launch("moe_down", _dlib().tilert_moe_down, args, keep)
