@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from measure import copy_bandwidth  # benchmarks/measure.py, beside this script
 
 from tilert.engine.checkpoint import TensorSource
 from tilert.engine.models.llama import describe
@@ -106,20 +107,6 @@ def weight_bytes_per_token(cfg: dict) -> int:
     return total
 
 
-def copy_bandwidth(device: str) -> float:
-    """Bytes/s of a device-to-device copy, counting read + write."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(23):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * n / statistics.median(times[3:])
 
 
 class StaticDecoder(torch.nn.Module):

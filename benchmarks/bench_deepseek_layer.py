@@ -37,6 +37,7 @@ import sys
 import traceback
 
 import torch
+from measure import copy_bandwidth  # benchmarks/measure.py, beside this script
 
 from tilert.engine.cuda import kernels
 from tilert.engine.models.base import Op
@@ -48,20 +49,6 @@ BF = torch.bfloat16
 HIDDEN, INTER, EXPERTS, TOP_K, N_GROUP, TOPK_GROUP, DENSE_INTER = 7168, 2048, 256, 8, 8, 4, 18432
 
 
-def copy_bandwidth() -> float:
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(23):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    return 2 * n / statistics.median(times[3:])
 
 
 def rand_fp8(shape, scale_of_in: int) -> tuple[torch.Tensor, torch.Tensor]:
