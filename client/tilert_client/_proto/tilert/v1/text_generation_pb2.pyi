@@ -472,6 +472,8 @@ Global___Usage: _TypeAlias = Usage  # noqa: Y015
 
 @_typing.final
 class Timing(_message.Message):
+    """Server-side durations, measured on the server's monotonic clock."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUE_NS_FIELD_NUMBER: _builtins.int
@@ -479,9 +481,17 @@ class Timing(_message.Message):
     DECODE_NS_FIELD_NUMBER: _builtins.int
     MEAN_INTER_TOKEN_LATENCY_NS_FIELD_NUMBER: _builtins.int
     queue_ns: _builtins.int
+    """From entering the queue (after validation and tokenization) to the
+    hand-over to the worker.
+    """
     time_to_first_token_ns: _builtins.int
+    """From the request's arrival to the first generated token read by the
+    server (queue time and prefill included).
+    """
     decode_ns: _builtins.int
+    """From the first generated token to the last one."""
     mean_inter_token_latency_ns: _builtins.int
+    """decode_ns divided by (completion tokens - 1); 0 for a single token."""
     def __init__(
         self,
         *,
