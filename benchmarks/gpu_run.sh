@@ -52,7 +52,7 @@ fi
 step build 300 env TILERT_DUMP_SASS=1 python3 -m tilert.engine.cuda.build
 cp "$TILERT_CACHE"/libtilert_*.so.log "$OUT/ptxas.log" 2>/dev/null
 
-for t in kernels graph_executor serve_gpu deepseek_kernels; do
+for t in kernels graph_executor serve_gpu deepseek_kernels mla_kernels; do
   step "tests_$t" "$TEST_TIMEOUT" python3 -m pytest -m gpu "tests/gpu/test_$t.py" --confcutdir=tests/gpu \
     -p no:cacheprovider -q -rfEs --tb=short --durations=5 --timeout=120 -o addopts=""
 done

@@ -657,3 +657,172 @@ def moe_down(
     )
     keep = (ex, act, ids, weights, residual, out)
     return Launch("moe_down", _dlib().tilert_moe_down, args, keep)
+
+
+# --------------------------------------------------------------------------
+# DeepSeek MLA decode: absorbed attention in latent space and the V3.2 lightning
+# indexer (csrc/mla.cu, csrc/indexer.cu). Argtypes set on first use, as above.
+_MLA_SIGNATURES = {
+    "tilert_mla_group": [_I],
+    "tilert_mla_decode": [_P] * 10 + [_I] * 4 + [_F, _P, _I],
+    "tilert_indexer_topk": [_P] * 7 + [_I] * 4 + [_F, _P, _I],
+}
+_mla_ready = False
+MLA_LATENT = 512  # kv_lora_rank: csrc/mla.cuh kMlaLatent
+MLA_ROPE = 64  # qk_rope_head_dim: csrc/mla.cuh kMlaRope
+MLA_MAX_SPLITS = 256
+INDEXER_TILE = 32  # positions per indexer tile: csrc/indexer.cuh kIdxTile
+
+
+def _mlib() -> ctypes.CDLL:
+    global _mla_ready
+    handle = lib()
+    if not _mla_ready:
+        for name, argtypes in _MLA_SIGNATURES.items():
+            fn = getattr(handle, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+        _mla_ready = True
+    return handle
+
+
+def mla_splits(max_attended: int, heads: int, sms: int) -> int:
+    """Position splits for MLA decode: about one block per SM over all head
+    groups, none shorter than 64 positions (one staged tile), and few enough that
+    the merging block's read of the partials (splits x group x 2 KiB) stays small."""
+    group = 32 if heads > 16 else 16 if heads > 8 else 8
+    groups = math.ceil(heads / group)
+    by_sms = max(1, sms // groups)
+    by_len = max(1, math.ceil(max_attended / 64))
+    by_merge = max(1, 512 // group)
+    return max(1, min(MLA_MAX_SPLITS, by_sms, by_len, by_merge))
+
+
+@dataclass
+class MlaWorkspace:
+    part_o: torch.Tensor  # [heads, splits, 512] fp32
+    part_ml: torch.Tensor  # [heads, splits, 2] fp32
+    tickets: torch.Tensor  # [heads] int32, zero (one per head group is used)
+
+    @staticmethod
+    def make(heads: int, splits: int, device: Any) -> MlaWorkspace:
+        return MlaWorkspace(
+            torch.empty(heads, splits, MLA_LATENT, dtype=torch.float32, device=device),
+            torch.empty(heads, splits, 2, dtype=torch.float32, device=device),
+            torch.zeros(heads, dtype=torch.int32, device=device),
+        )
+
+
+def mla_decode(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent_cache: torch.Tensor,
+    rope_cache: torch.Tensor,
+    out: torch.Tensor,
+    length: torch.Tensor,
+    ws: MlaWorkspace,
+    scale: float,
+    sel: torch.Tensor | None = None,
+) -> Launch:
+    """out [H, 512] = softmax(scale * (q_lat latent^T + q_rope rope_k^T)) latent,
+    the absorbed MLA decode of one token, still in latent space (the value
+    up-projection through kv_b follows as a GEMV).
+
+    q_lat [H, 512] bf16 (q_nope through kv_b's key half); q_rope [H, 64] bf16,
+    roped; latent_cache [positions, 512] and rope_cache [positions, 64] bf16;
+    length device int32 [1]: the cached positions. Without `sel` the token attends
+    [0, length); with sel (int32 [K], the indexer's picks) it attends the first
+    min(length, K) entries of sel. out fp32 or bf16; H <= 128."""
+    dev = q_lat.device
+    heads = q_lat.shape[0]
+    positions = latent_cache.shape[0]
+    if not 1 <= heads <= 128:
+        raise ValueError(f"mla_decode: {heads} heads, expected 1..128")
+    if out.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"out: dtype {out.dtype}, expected bfloat16 or float32")
+    splits = ws.part_o.shape[1]
+    if not 1 <= splits <= MLA_MAX_SPLITS:
+        raise ValueError(f"mla_decode: {splits} splits, expected 1..{MLA_MAX_SPLITS}")
+    if sel is not None and (sel.dim() != 1 or sel.numel() < 1):
+        raise ValueError(f"sel: shape {tuple(sel.shape)}, expected [K] with K >= 1")
+    args = (
+        _check(q_lat, "q_lat", torch.bfloat16, (heads, MLA_LATENT), dev),
+        _check(q_rope, "q_rope", torch.bfloat16, (heads, MLA_ROPE), dev),
+        _check(latent_cache, "latent_cache", torch.bfloat16, (positions, MLA_LATENT), dev),
+        _check(rope_cache, "rope_cache", torch.bfloat16, (positions, MLA_ROPE), dev),
+        _check(sel, "sel", torch.int32, None, dev, optional=True, align=4),
+        _check(length, "length", torch.int32, (1,), dev, align=4),
+        _check(out, "out", out.dtype, (heads, MLA_LATENT), dev),
+        _check(ws.part_o, "part_o", torch.float32, (heads, splits, MLA_LATENT), dev),
+        _check(ws.part_ml, "part_ml", torch.float32, (heads, splits, 2), dev),
+        _check(ws.tickets, "tickets", torch.int32, (heads,), dev, align=4),
+        heads,
+        splits,
+        0 if sel is None else sel.numel(),
+        int(out.dtype == torch.float32),
+        float(scale),
+    )
+    keep = (q_lat, q_rope, latent_cache, rope_cache, sel, length, out, ws)
+    return Launch("mla_decode", _mlib().tilert_mla_decode, args, keep)
+
+
+@dataclass
+class IndexerWorkspace:
+    scores: torch.Tensor  # [positions] fp32: every cached position's index score
+    ticket: torch.Tensor  # [1] int32, zero between launches
+
+    @staticmethod
+    def make(positions: int, device: Any) -> IndexerWorkspace:
+        return IndexerWorkspace(
+            torch.empty(positions, dtype=torch.float32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device),
+        )
+
+
+def indexer_topk(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    weights: torch.Tensor,
+    length: torch.Tensor,
+    sel: torch.Tensor,
+    ws: IndexerWorkspace,
+    scale: float | None = None,
+    blocks: int | None = None,
+) -> Launch:
+    """The V3.2 lightning indexer for one token (see engine/ops/indexer.py):
+    ws.scores[t] = sum_h weights[h] * relu(scale * q[h] . keys[t]) for t < length,
+    then sel [K] int32 = the K = sel.numel() best positions, in no particular
+    order; with length <= K, sel[:length] = 0..length-1 and the rest is untouched
+    (mla_decode reads only min(length, K) entries).
+
+    q [Hi, D] bf16 (roped); keys [positions, D] bf16; weights [Hi] fp32 (already
+    times Hi^-0.5); length device int32 [1]; scale defaults to D^-0.5.
+    D a multiple of 8 up to 256, Hi up to 128."""
+    dev = q.device
+    heads, dim = q.shape
+    positions = keys.shape[0]
+    if dim % 8 or not 8 <= dim <= 256 or not 1 <= heads <= 128:
+        raise ValueError(
+            f"indexer_topk: {heads} heads of dim {dim} (dim % 8 == 0, dim <= 256, heads <= 128)"
+        )
+    if sel.dim() != 1 or sel.numel() < 1:
+        raise ValueError(f"sel: shape {tuple(sel.shape)}, expected [K] with K >= 1")
+    if blocks is None:
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        blocks = max(1, min(math.ceil(positions / INDEXER_TILE), 2 * sms))
+    args = (
+        _check(q, "q", torch.bfloat16, (heads, dim), dev),
+        _check(keys, "keys", torch.bfloat16, (positions, dim), dev),
+        _check(weights, "weights", torch.float32, (heads,), dev, align=4),
+        _check(length, "length", torch.int32, (1,), dev, align=4),
+        _check(ws.scores, "scores", torch.float32, (positions,), dev, align=4),
+        _check(sel, "sel", torch.int32, (sel.numel(),), dev, align=4),
+        _check(ws.ticket, "ticket", torch.int32, (1,), dev, align=4),
+        heads,
+        dim,
+        sel.numel(),
+        int(blocks),
+        float(scale if scale is not None else dim**-0.5),
+    )
+    keep = (q, keys, weights, length, sel, ws)
+    return Launch("indexer_topk", _mlib().tilert_indexer_topk, args, keep)
