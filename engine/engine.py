@@ -159,10 +159,6 @@ class Engine:
     def worker_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    @property
-    def segment_name(self) -> str | None:
-        return self._seg.name if self._seg is not None else None
-
     # ------------------------------------------------------------- lifecycle
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Starts the watchdog and dispatcher, and listens to the doorbell, on
@@ -335,8 +331,13 @@ class Engine:
                 break
             k = rec.n_top
             ev = Token(
-                rec.token, rec.finish_reason, rec.logprob, tuple(rec.top_ids[:k]),
-                tuple(rec.top_logprobs[:k]), rec.t_ns, time.monotonic_ns(),
+                rec.token,
+                rec.finish_reason,
+                rec.logprob,
+                tuple(rec.top_ids[:k]),
+                tuple(rec.top_logprobs[:k]),
+                rec.t_ns,
+                time.monotonic_ns(),
             )
             n += 1
             self._read = h.ring_read = n

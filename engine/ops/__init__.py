@@ -11,7 +11,7 @@ kernels and are checked against these, op by op.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +29,6 @@ class StepContext:
     start: int  # position of the first token of this step
     positions: torch.Tensor  # [T] int64
     caches: dict[str, torch.Tensor]  # name -> [max_positions, ...]
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def end(self) -> int:
