@@ -107,8 +107,6 @@ def weight_bytes_per_token(cfg: dict) -> int:
     return total
 
 
-
-
 class StaticDecoder(torch.nn.Module):
     """A plain PyTorch Llama decode step with static shapes (position in a device
     tensor, attention over the whole cache with a mask), so that it can be

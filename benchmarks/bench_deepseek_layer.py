@@ -49,8 +49,6 @@ BF = torch.bfloat16
 HIDDEN, INTER, EXPERTS, TOP_K, N_GROUP, TOPK_GROUP, DENSE_INTER = 7168, 2048, 256, 8, 8, 4, 18432
 
 
-
-
 def rand_fp8(shape, scale_of_in: int) -> tuple[torch.Tensor, torch.Tensor]:
     w = (2 * torch.randn(shape, device="cuda")).to(F8)
     s = (0.5 + torch.rand((*shape[:-2], *scale_shape(shape[-2:])), device="cuda")) / (

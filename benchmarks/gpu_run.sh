@@ -52,20 +52,29 @@ fi
 step build 300 env TILERT_DUMP_SASS=1 python3 -m tilert.engine.cuda.build
 cp "$TILERT_CACHE"/libtilert_*.so.log "$OUT/ptxas.log" 2>/dev/null
 
-for t in kernels graph_executor serve_gpu deepseek_kernels mla_kernels; do
+for t in ${TESTS:-deepseek_prep_kernels deepseek_graph kernels graph_executor serve_gpu deepseek_kernels mla_kernels}; do
   step "tests_$t" "$TEST_TIMEOUT" python3 -m pytest -m gpu "tests/gpu/test_$t.py" --confcutdir=tests/gpu \
     -p no:cacheprovider -q -rfEs --tb=short --durations=5 --timeout=120 -o addopts=""
 done
 
-step bench "$BENCH_TIMEOUT" python3 benchmarks/bench_decode.py --json "$OUT/bench_decode.json" ${BENCH_ARGS:-}
-# DeepSeek-V3.2 MoE layer and FP8 GEMVs at the real geometry.
-step bench_deepseek_layer "$BENCH_TIMEOUT" python3 benchmarks/bench_deepseek_layer.py \
-  --json "$OUT/bench_deepseek_layer.json"
+# BENCHES: which benchmarks run (default: both decode benchmarks; "" for none).
+for b in ${BENCHES-decode deepseek}; do
+  case $b in
+    decode) step bench "$BENCH_TIMEOUT" python3 benchmarks/bench_decode.py \
+      --json "$OUT/bench_decode.json" ${BENCH_ARGS:-} ;;
+    # DeepSeek-V3.2 whole layers at the real geometry, through the graph executor.
+    deepseek) step bench_deepseek "$BENCH_TIMEOUT" python3 benchmarks/bench_deepseek_decode.py \
+      --json "$OUT/bench_deepseek.json" ;;
+    # The MoE block and FP8 GEMVs alone (tilings).
+    moe) step bench_deepseek_layer "$BENCH_TIMEOUT" python3 benchmarks/bench_deepseek_layer.py \
+      --json "$OUT/bench_deepseek_layer.json" ;;
+  esac
+done
 
 echo
 echo "=== summary"
 printf '%s\n' "${status[@]}"
 grep -hE "passed|failed|error" "$OUT"/tests_*.log | grep -v "^E " | tail -n 4
-sed -n '/^NVIDIA\|^H100\|^H200\|GB\/s (read/,$p' "$OUT/bench.log" | tail -n 14
-tail -n 10 "$OUT/bench_deepseek_layer.log"
+[ -f "$OUT/bench.log" ] && sed -n '/^NVIDIA\|^H100\|^H200\|GB\/s (read/,$p' "$OUT/bench.log" | tail -n 14
+[ -f "$OUT/bench_deepseek.log" ] && tail -n 12 "$OUT/bench_deepseek.log"
 

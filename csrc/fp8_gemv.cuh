@@ -137,6 +137,27 @@ struct Fp8GemvParams {
   int n, k;
   int out_f32;
   int pairs, pairs_per_tile, ksplit, chunk;  // chunk: vectors of one K part
+  // Per-head row groups (MLA's value up-projection): output row r reads weight
+  // row (r / group_rows) * group_stride + group_offset + r % group_rows and
+  // input x + (r / group_rows) * k. group_rows == 0: plain rows, one x. A tile
+  // never straddles two groups (group_rows is a multiple of 2 * pairs_per_tile).
+  int group_rows, group_stride, group_offset;
+};
+
+__device__ __forceinline__ int fp8_weight_row(const Fp8GemvParams& p, int r) {
+  if (p.group_rows == 0) return r;
+  return (r / p.group_rows) * p.group_stride + p.group_offset + r % p.group_rows;
+}
+
+// Up to three GEMVs over one input in one launch (q_a | kv_a | index wk all
+// read the normed hidden state): blocks [tile_end[s-1], tile_end[s]) run
+// segment s. Fewer launches, and every segment's weights stream at once.
+constexpr int kFp8MaxSegments = 3;
+
+struct Fp8GemvMulti {
+  Fp8GemvParams seg[kFp8MaxSegments];
+  int count;
+  int tile_end[kFp8MaxSegments];
 };
 
 __host__ __device__ __forceinline__ int fp8_gemv_smem_bytes(int k, int x_bytes, int pairs_per_tile) {
@@ -172,14 +193,16 @@ __device__ __forceinline__ void fp8_gemv_tile(const Fp8GemvParams& p, int tile, 
   if (warp < items) {
     const int r0 = 2 * (first + warp / p.ksplit), r1 = min(r0 + 1, p.n - 1);
     const int vbeg = (warp % p.ksplit) * p.chunk, vend = min(nvec, vbeg + p.chunk);
-    prefetch_row_head(fp8_row(p.w, p.scale, r0, p.k).w, vbeg, vend, lane, 2048);
-    prefetch_row_head(fp8_row(p.w, p.scale, r1, p.k).w, vbeg, vend, lane, 2048);
+    prefetch_row_head(fp8_row(p.w, p.scale, fp8_weight_row(p, r0), p.k).w, vbeg, vend, lane, 2048);
+    prefetch_row_head(fp8_row(p.w, p.scale, fp8_weight_row(p, r1), p.k).w, vbeg, vend, lane, 2048);
   }
   pdl_launch_dependents();
   pdl_wait();
 
+  const char* x = static_cast<const char*>(p.x);
+  if (p.group_rows) x += (size_t)(2 * first / p.group_rows) * p.k * sizeof(XT);
   for (int j = threadIdx.x; j < 2 * count; j += blockDim.x) acc[j] = 0.f;
-  fp8_stage_input<XT>(p.x, p.k, xs);
+  fp8_stage_input<XT>(x, p.k, xs);
   __syncthreads();
 
   for (int it = warp; it < items; it += warps) {
@@ -187,8 +210,8 @@ __device__ __forceinline__ void fp8_gemv_tile(const Fp8GemvParams& p, int tile, 
     const int r0 = 2 * (first + j), r1 = min(r0 + 1, p.n - 1);
     const int vbeg = part * p.chunk, vend = min(nvec, vbeg + p.chunk);
     float a0 = 0.f, a1 = 0.f;
-    fp8_dot2<XT>(fp8_row(p.w, p.scale, r0, p.k), fp8_row(p.w, p.scale, r1, p.k), xs, vbeg, vend,
-                 lane, a0, a1);
+    fp8_dot2<XT>(fp8_row(p.w, p.scale, fp8_weight_row(p, r0), p.k),
+                 fp8_row(p.w, p.scale, fp8_weight_row(p, r1), p.k), xs, vbeg, vend, lane, a0, a1);
     a0 = warp_sum(a0);
     a1 = warp_sum(a1);
     if (lane == 0) {

@@ -11,6 +11,11 @@ __global__ void __launch_bounds__(kIdxThreads) indexer_kernel(const __grid_const
   indexer_block(p, smem);
 }
 
+__global__ void __launch_bounds__(kIdxWThreads)
+    indexer_weights_kernel(const __grid_constant__ IdxWeightsParams p) {
+  indexer_weights_block(p, blockIdx.x);
+}
+
 }  // namespace tilert
 
 using namespace tilert;
@@ -42,6 +47,13 @@ int tilert_indexer_topk(const void* q, const void* keys, const float* w, const i
       cudaFuncSetAttribute(indexer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return static_cast<int>(e);
   return launch(indexer_kernel, dim3(blocks), dim3(kIdxThreads), smem, stream, pdl, p);
+}
+
+int tilert_indexer_weights(const float* w, const void* x, float* out, int heads, int hidden,
+                           void* stream, int pdl) {
+  if (heads < 1 || hidden < 8 || hidden % 8) return static_cast<int>(cudaErrorInvalidValue);
+  IdxWeightsParams p = {w, static_cast<const bf16*>(x), out, heads, hidden};
+  return launch(indexer_weights_kernel, dim3(heads), dim3(kIdxWThreads), 0, stream, pdl, p);
 }
 
 }  // extern "C"

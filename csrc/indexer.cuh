@@ -192,4 +192,37 @@ __device__ __forceinline__ void indexer_block(const IndexerParams& p, char* smem
   if (threadIdx.x == 0) *p.ticket = 0;  // ready for the next launch (graph replay)
 }
 
+// Head weights w[h] = W[h] . x with weights_proj in fp32 (the precision the
+// reference keeps it in), one block per head. The 1/sqrt(heads) factor is
+// folded into the scoring scale (relu commutes with a positive factor).
+struct IdxWeightsParams {
+  const float* w;  // [heads, hidden]
+  const bf16* x;   // [hidden]
+  float* out;      // [heads]
+  int heads, hidden;
+};
+
+constexpr int kIdxWThreads = 256;
+
+__device__ __forceinline__ void indexer_weights_block(const IdxWeightsParams& p, int h) {
+  __shared__ float scratch[kWarp];
+  const uint4* w4 = reinterpret_cast<const uint4*>(p.w + (size_t)h * p.hidden);
+  const uint4* x4 = reinterpret_cast<const uint4*>(p.x);
+  pdl_launch_dependents();
+  pdl_wait();
+  float s = 0.f;
+  for (int v = threadIdx.x; v < p.hidden / 8; v += blockDim.x) {
+    const uint4 a = ld_weight(w4 + 2 * v), b = ld_weight(w4 + 2 * v + 1);
+    const uint4 xv = x4[v];
+    const float wa[8] = {__uint_as_float(a.x), __uint_as_float(a.y), __uint_as_float(a.z),
+                         __uint_as_float(a.w), __uint_as_float(b.x), __uint_as_float(b.y),
+                         __uint_as_float(b.z), __uint_as_float(b.w)};
+    const bf16* xa = reinterpret_cast<const bf16*>(&xv);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s = fmaf(wa[i], __bfloat162float(xa[i]), s);
+  }
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) p.out[h] = s;
+}
+
 }  // namespace tilert

@@ -375,7 +375,8 @@ def sample_config(
 # csrc/moe.cu). Their symbols get their argtypes here, on first use.
 _U = ctypes.c_uint64
 _DEEPSEEK_SIGNATURES = {
-    "tilert_fp8_gemv": [_P] * 5 + [_I] * 7 + [_P, _I],
+    "tilert_fp8_gemv": [_P] * 5 + [_I] * 10 + [_P, _I],
+    "tilert_fp8_gemv_multi": [_I] + [_P] * 5 + [_I] * 4 + [_P, _I],
     "tilert_moe_router": [_P, _P, _I] + [_P] * 5 + [_I] * 6 + [_F, _P, _I],
     "tilert_moe_gate_up": [_P] * 5 + [_I] * 8 + [_P, _I],
     "tilert_moe_down": [_P] * 6 + [_I] * 6 + [_P, _I],
@@ -430,23 +431,40 @@ def fp8_gemv(
     *,
     residual: torch.Tensor | None = None,
     tiling: tuple[int, int, int] | None = None,
+    groups: tuple[int, int, int] | None = None,
 ) -> Launch:
     """out [N] = (residual [N] +) W x with W FP8 e4m3 [N, K] and its block scales
     scale [ceil(N/128), ceil(K/128)] fp32 (dequantized W = W * scale per block).
 
     x [K] bf16 or fp32; out [N] bf16 or fp32, residual of out's dtype (may be out).
-    K must be a multiple of 16. `tiling` overrides fp8_gemv_tiling (benchmarks)."""
+    K must be a multiple of 16. `tiling` overrides fp8_gemv_tiling (benchmarks).
+
+    groups = (rows, stride, offset): per-head row groups (MLA's value half of
+    kv_b). Output row r = g * rows + i reads weight row g * stride + offset + i
+    and input x[g] of x [G, K]; out has G * rows entries."""
     dev = w.device
-    n, k = w.shape
+    wn, k = w.shape
     wp = _fp8_weight(w, scale, "w", dev)
     if x.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"x: dtype {x.dtype}, expected bfloat16 or float32")
     if out.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"out: dtype {out.dtype}, expected bfloat16 or float32")
-    xp = _check(x, "x", x.dtype, (k,), dev)
+    ppt, ksplit, chunk = tiling or fp8_gemv_tiling(k)
+    g_rows = g_stride = g_offset = 0
+    if groups is None:
+        n = wn
+        xp = _check(x, "x", x.dtype, (k,), dev)
+    else:
+        g_rows, g_stride, g_offset = groups
+        count = x.shape[0] if x.dim() == 2 else 0
+        if not (g_rows % 2 == 0 and g_offset + g_rows <= g_stride and count * g_stride <= wn):
+            raise ValueError(f"fp8_gemv: groups {groups} do not fit W {tuple(w.shape)} (even rows)")
+        while g_rows % (2 * ppt):
+            ppt //= 2  # a tile must not straddle two groups
+        n = count * g_rows
+        xp = _check(x, "x", x.dtype, (count, k), dev)
     op = _check(out, "out", out.dtype, (n,), dev)
     rp = _check(residual, "residual", out.dtype, (n,), dev, optional=True)
-    ppt, ksplit, chunk = tiling or fp8_gemv_tiling(k)
     if not (ppt >= 1 and ksplit >= 1 and ppt * ksplit <= 64 and chunk % 8 == 0):
         raise ValueError(f"fp8_gemv: bad tiling {(ppt, ksplit, chunk)}")
     if ksplit * chunk < k // 16:
@@ -464,6 +482,9 @@ def fp8_gemv(
         ppt,
         ksplit,
         chunk,
+        g_rows,
+        g_stride,
+        g_offset,
     )
     return Launch("fp8_gemv", _dlib().tilert_fp8_gemv, args, (w, scale, x, out, residual))
 

@@ -41,6 +41,7 @@ from tilert.engine.sampling import SamplingParams
 Trace = Callable[[Op, dict[str, torch.Tensor]], None]
 
 _STAGING_SLOTS = 8  # pinned step-input buffers in flight (prefill enqueues many steps)
+_STEP_HEADER = struct.Struct("<iiii")  # token, position, length, padding
 
 
 class GraphExecutor:
@@ -59,7 +60,7 @@ class GraphExecutor:
             raise ValueError("the graph executor needs a CUDA device (--device cuda)")
         if dtype != torch.bfloat16:
             raise ValueError(f"the graph executor runs bfloat16 only, not {dtype}")
-        if model.family != "llama":
+        if model.family not in ("llama", "deepseek_v3"):
             raise NotImplementedError(f"the graph executor has no kernels for {model.family!r} yet")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -77,11 +78,15 @@ class GraphExecutor:
     def _setup(self) -> None:
         dev, m = self.device, self.model
         kernels.lib()  # build (or load) before anything is captured
-        # Step inputs, one copy per step: int32 token, int32 position, SampleConfig.
-        self._step_in = torch.zeros(8 + kernels.SAMPLE_CONFIG_BYTES, dtype=torch.uint8, device=dev)
+        # Step inputs, one copy per step: int32 token, position, length (position
+        # + 1), padding, then the SampleConfig.
+        self._step_in = torch.zeros(
+            _STEP_HEADER.size + kernels.SAMPLE_CONFIG_BYTES, dtype=torch.uint8, device=dev
+        )
         self._ids = self._step_in[0:4].view(torch.int32)
         self._pos = self._step_in[4:8].view(torch.int32)
-        self._cfg = self._step_in[8:]
+        self._len = self._step_in[8:12].view(torch.int32)
+        self._cfg = self._step_in[_STEP_HEADER.size :]
         self._staging = [
             torch.zeros_like(self._step_in, device="cpu").pin_memory()
             for _ in range(_STAGING_SLOTS)
@@ -94,7 +99,12 @@ class GraphExecutor:
         self.bufs: dict[str, torch.Tensor] = {}
         self._rope_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._attn_ws: kernels.AttentionWorkspace | None = None
-        self.launches = self._lower(m.decode)
+        if m.family == "deepseek_v3":
+            from tilert.engine.executors import graph_deepseek
+
+            self.launches = graph_deepseek.lower(self, m.decode)
+        else:
+            self.launches = self._lower(m.decode)
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         t = self.bufs.get(name)
@@ -253,7 +263,7 @@ class GraphExecutor:
         if self._used[s]:
             self._staged[s].synchronize()  # its previous copy must have left the buffer
         buf = self._staging[s]
-        packed = struct.pack("<ii", token, self.length) + config
+        packed = _STEP_HEADER.pack(token, self.length, self.length + 1, 0) + config
         buf.numpy()[:] = numpy.frombuffer(packed, dtype=numpy.uint8)
         self._step_in.copy_(buf, non_blocking=True)
         self._staged[s].record()

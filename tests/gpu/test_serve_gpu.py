@@ -15,11 +15,13 @@ from tilert.engine.models import describe
 from tilert.engine.tools.make_checkpoint import make_config, write_checkpoint
 from tilert_client import Client
 
-# The graph kernels cover head dims 64 and 128: SmolLM2's geometry, 2 layers.
+# The graph kernels cover head dims 64 and 128: SmolLM2's geometry, 2 layers;
+# DeepSeek needs the released MLA widths (the small-deepseek-v3.2 preset).
 CASES = [
     ("smollm2-135m", "bf16", "graph"),
     ("tiny-llama", "bf16", "reference"),
     ("tiny-deepseek-v3.2", "fp8", "reference"),
+    ("small-deepseek-v3.2", "fp8", "graph"),
 ]
 
 
