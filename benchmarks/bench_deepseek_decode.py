@@ -129,7 +129,7 @@ def fill_caches(caches: dict[str, torch.Tensor], context: int) -> None:
         t[:context] = torch.randn(t[:context].shape, generator=g, device="cuda").to(t.dtype)
 
 
-def time_graph(cfg: dict, args) -> dict:
+def time_graph(cfg: dict, args, profile: bool = False) -> dict:
     from tilert.engine.executors.graph import GraphExecutor
 
     model = describe(cfg)
@@ -159,7 +159,37 @@ def time_graph(cfg: dict, args) -> dict:
     result = summary(times)
     result["device_ms"] = a.elapsed_time(b) / n
     result["launches"] = len(ex.launches)
+    if profile:
+        result["profile"] = profile_launches(ex, args.context)
     return result
+
+
+def profile_launches(ex, context: int, steps: int = 10) -> list[dict]:
+    """Device time of each launch of one step, alone: launched without PDL with
+    an event after each (the events add ~1-2 us per launch)."""
+    from tilert.engine.cuda import kernels
+
+    per: list[list[float]] = [[] for _ in ex.launches]
+    stream = torch.cuda.current_stream()
+    for i in range(steps):
+        ex.length = context
+        ex._stage((11 * i + 5) % ex.model.vocab_size, kernels.sample_config())
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(ex.launches) + 1)]
+        events[0].record()
+        for j, la in enumerate(ex.launches):
+            la(stream.cuda_stream, pdl=False)
+            events[j + 1].record()
+        events[-1].synchronize()
+        for j in range(len(ex.launches)):
+            per[j].append(1e3 * events[j].elapsed_time(events[j + 1]))
+    return [
+        {
+            "launch": la.name,
+            "ops": [op.name for op in la.ops],
+            "us": statistics.median(t),
+        }
+        for la, t in zip(ex.launches, per, strict=True)
+    ]
 
 
 def time_reference(cfg: dict, args) -> dict:
@@ -219,7 +249,7 @@ def main() -> int:
     res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     res["command"] = " ".join(["python", *sys.argv])
     for key, cfg, fn in (
-        ("graph_A", cfg_a, time_graph),
+        ("graph_A", cfg_a, lambda c, a: time_graph(c, a, profile=True)),
         ("graph_B", cfg_b, time_graph),
         ("graph_C", cfg_c, time_graph),
         ("reference_A", cfg_a, time_reference),
@@ -227,7 +257,7 @@ def main() -> int:
     ):
         try:
             res[key] = fn(cfg, args)
-            print(key, res[key], flush=True)
+            print(key, {k: v for k, v in res[key].items() if k != "profile"}, flush=True)
         except Exception as e:  # report and go on: one failure must not hide the rest
             traceback.print_exc()
             res[key] = {"error": f"{type(e).__name__}: {e}"}
@@ -296,6 +326,12 @@ def main() -> int:
                 f"device {r['device_ms']:.3f} ms, {r['launches']} launches"
             )
     print("* extrapolated: 3 dense + 58 MoE layers + head at one GPU's bandwidth")
+    prof = res["graph_A"].get("profile", [])
+    if prof:
+        print("per launch, model A (1 MoE layer), alone, no PDL, us:")
+        for r in prof:
+            print(f"  {r['launch']:18} {r['us']:8.1f}  {','.join(r['ops'])}")
+        print(f"  {'sum':18} {sum(r['us'] for r in prof):8.1f}")
     print("command:", res["command"])
     if args.json:
         with open(args.json, "w") as f:

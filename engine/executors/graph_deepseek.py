@@ -202,7 +202,7 @@ class DeepSeekLowering:
         attended = self.positions
         if ip is not None:
             topk = int(ia["topk"])
-            sel = self.buf("sel", (topk,), torch.int32)
+            sel = self.buf(f"{pre}.sel", (topk,), torch.int32)  # per layer: readable after a step
             attended = min(attended, topk)
             if self.index_ws is None:
                 self.index_ws = kernels.IndexerWorkspace.make(self.positions, self.ex.device)
@@ -254,8 +254,8 @@ class DeepSeekLowering:
                 [mats(e, f"{op.name}.expert{j}") for j, e in enumerate(p["experts"])],
                 mats(p["shared"], f"{op.name}.shared") if p["shared"] is not None else None,
             )
-            ids = self.buf("moe.ids", (top_k,), torch.int32)
-            weights = self.buf("moe.weights", (top_k,), torch.float32)
+            ids = self.buf(f"{op.name}.ids", (top_k,), torch.int32)
+            weights = self.buf(f"{op.name}.weights", (top_k,), torch.float32)
             if self.router_ws is None:
                 self.router_ws = kernels.RouterWorkspace.make(int(a["n_experts"]), self.ex.device)
             out.append(

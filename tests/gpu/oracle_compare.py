@@ -58,7 +58,8 @@ def compare(
         g = graph_step(None, token).float().cpu()
         r = ref_step(None, token).float().cpu()
         token = int(torch.argmax(r))
-    assert mismatches <= 2 + outliers, f"{name} seed={seed}: {mismatches} near-tie mismatches"
+    # each mismatch was checked to be a near-tie above; many would still be suspect
+    assert mismatches <= max(2, steps // 8), f"{name} seed={seed}: {mismatches} near-tie mismatches"
     return errors
 
 
