@@ -3,6 +3,7 @@
 
 #include "launch.cuh"
 #include "mla.cuh"
+#include "mla_tc.cuh"
 
 namespace tilert {
 
@@ -21,6 +22,20 @@ int launch_mla(const MlaParams& p, void* stream, int pdl) {
   if (e != cudaSuccess) return static_cast<int>(e);
   const dim3 grid((p.heads + kG - 1) / kG, p.splits);
   return launch(mla_kernel<kHPT>, grid, dim3(kMlaThreads), smem, stream, pdl, p);
+}
+
+__global__ void __launch_bounds__(kMlaThreads) mla_tc_kernel(const __grid_constant__ MlaParams p) {
+  extern __shared__ __align__(16) char smem[];
+  mla_tile_tc(p, blockIdx.x, blockIdx.y, smem);
+}
+
+int launch_mla_tc(const MlaParams& p, void* stream, int pdl) {
+  constexpr int smem = mla_tc_smem_bytes();
+  const cudaError_t e =
+      cudaFuncSetAttribute(mla_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  const dim3 grid((p.heads + kTcHeads - 1) / kTcHeads, p.splits);
+  return launch(mla_tc_kernel, grid, dim3(kMlaThreads), smem, stream, pdl, p);
 }
 
 }  // namespace tilert
@@ -59,7 +74,7 @@ int tilert_mla_decode(const void* q_lat, const void* q_rope, const void* latent,
     return static_cast<int>(cudaErrorInvalidValue);
   if (sel != nullptr && sel_cap < 1) return static_cast<int>(cudaErrorInvalidValue);
   switch (tilert_mla_group(heads)) {
-    case 32: return launch_mla<4>(p, stream, pdl);
+    case 32: return launch_mla_tc(p, stream, pdl);  // tensor cores; launch_mla<4> on CUDA cores
     case 16: return launch_mla<2>(p, stream, pdl);
     default: return launch_mla<1>(p, stream, pdl);
   }

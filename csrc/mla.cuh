@@ -79,6 +79,68 @@ __device__ __forceinline__ void store_out(void* out, int f32, size_t i, float v)
     static_cast<bf16*>(out)[i] = __float2bfloat16(v);
 }
 
+// The last split of a head group to arrive merges all its splits' partials.
+// `scratch` is shared memory free by now (kG x splits floats).
+template <int kG>
+__device__ __forceinline__ void mla_merge(const MlaParams& p, int group, char* scratch) {
+  __shared__ int s_last;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int h0 = group * kG;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(&p.tickets[group], 1) == p.splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  // Merge weights exp2(m_s - M) / L per (head, split) first, one warp per head,
+  // so the weighted sums below issue independent loads (no dependent L2 round
+  // trip per split). The cache-row area is free now and holds them.
+  float* s_w = reinterpret_cast<float*>(scratch);  // [kG][splits]
+  for (int g = warp; g < kG; g += kMlaWarps) {
+    const int h = h0 + g;
+    if (h >= p.heads) continue;
+    const float* ml = p.part_ml + (size_t)h * p.splits * 2;
+    float mm = -INFINITY;
+    for (int s = lane; s < p.splits; s += kWarp) mm = fmaxf(mm, __ldcg(ml + 2 * s));
+    mm = warp_max(mm);
+    float ll = 0.f;
+    for (int s = lane; s < p.splits; s += kWarp) {
+      const float ms = __ldcg(ml + 2 * s);
+      const float w = ms == -INFINITY ? 0.f : exp2f(ms - mm);  // empty splits weigh 0
+      s_w[g * p.splits + s] = w;
+      ll += w * __ldcg(ml + 2 * s + 1);
+    }
+    ll = warp_sum(ll);
+    const float inv = 1.f / ll;
+    __syncwarp();
+    for (int s = lane; s < p.splits; s += kWarp) s_w[g * p.splits + s] *= inv;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kG * (kMlaLatent / 4); i += kMlaThreads) {
+    const int g = i / (kMlaLatent / 4), d = (i % (kMlaLatent / 4)) * 4;
+    const int h = h0 + g;
+    if (h >= p.heads) continue;
+    const float* po = p.part_o + (size_t)h * p.splits * kMlaLatent + d;
+    const float* w = s_w + g * p.splits;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int s = 0; s < p.splits; ++s) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(po + (size_t)s * kMlaLatent));
+      const float ws = w[s];
+      acc.x = fmaf(ws, v.x, acc.x);
+      acc.y = fmaf(ws, v.y, acc.y);
+      acc.z = fmaf(ws, v.z, acc.z);
+      acc.w = fmaf(ws, v.w, acc.w);
+    }
+    const size_t o0 = (size_t)h * kMlaLatent + d;
+    store_out(p.out, p.out_f32, o0, acc.x);
+    store_out(p.out, p.out_f32, o0 + 1, acc.y);
+    store_out(p.out, p.out_f32, o0 + 2, acc.z);
+    store_out(p.out, p.out_f32, o0 + 3, acc.w);
+  }
+  if (threadIdx.x == 0) p.tickets[group] = 0;  // ready for the next launch (graph replay)
+}
+
 template <int kHPT>
 __device__ __forceinline__ void mla_tile(const MlaParams& p, int group, int split, char* smem) {
   constexpr int kG = mla_group<kHPT>();
@@ -86,7 +148,6 @@ __device__ __forceinline__ void mla_tile(const MlaParams& p, int group, int spli
   bf16* s_k = s_q + kG * kMlaStride;
   float* s_p = reinterpret_cast<float*>(s_k + kMlaTile * kMlaStride);  // [warp][kHPT][tile]
   int* s_pos = reinterpret_cast<int*>(s_p + kMlaWarps * kHPT * kMlaTile);
-  __shared__ int s_last;
 
   pdl_launch_dependents();
   pdl_wait();
@@ -225,60 +286,7 @@ __device__ __forceinline__ void mla_tile(const MlaParams& p, int group, int spli
   }
   if (p.splits == 1) return;
 
-  // The last split of this group to arrive merges all splits.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(&p.tickets[group], 1) == p.splits - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  // Merge weights exp2(m_s - M) / L per (head, split) first, one warp per head,
-  // so the weighted sums below issue independent loads (no dependent L2 round
-  // trip per split). The cache-row area is free now and holds them.
-  float* s_w = reinterpret_cast<float*>(s_k);  // [kG][splits]
-  for (int g = warp; g < kG; g += kMlaWarps) {
-    const int h = h0 + g;
-    if (h >= p.heads) continue;
-    const float* ml = p.part_ml + (size_t)h * p.splits * 2;
-    float mm = -INFINITY;
-    for (int s = lane; s < p.splits; s += kWarp) mm = fmaxf(mm, __ldcg(ml + 2 * s));
-    mm = warp_max(mm);
-    float ll = 0.f;
-    for (int s = lane; s < p.splits; s += kWarp) {
-      const float ms = __ldcg(ml + 2 * s);
-      const float w = ms == -INFINITY ? 0.f : exp2f(ms - mm);  // empty splits weigh 0
-      s_w[g * p.splits + s] = w;
-      ll += w * __ldcg(ml + 2 * s + 1);
-    }
-    ll = warp_sum(ll);
-    const float inv = 1.f / ll;
-    __syncwarp();
-    for (int s = lane; s < p.splits; s += kWarp) s_w[g * p.splits + s] *= inv;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kG * (kMlaLatent / 4); i += kMlaThreads) {
-    const int g = i / (kMlaLatent / 4), d = (i % (kMlaLatent / 4)) * 4;
-    const int h = h0 + g;
-    if (h >= p.heads) continue;
-    const float* po = p.part_o + (size_t)h * p.splits * kMlaLatent + d;
-    const float* w = s_w + g * p.splits;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int s = 0; s < p.splits; ++s) {
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(po + (size_t)s * kMlaLatent));
-      const float ws = w[s];
-      acc.x = fmaf(ws, v.x, acc.x);
-      acc.y = fmaf(ws, v.y, acc.y);
-      acc.z = fmaf(ws, v.z, acc.z);
-      acc.w = fmaf(ws, v.w, acc.w);
-    }
-    const size_t o0 = (size_t)h * kMlaLatent + d;
-    store_out(p.out, p.out_f32, o0, acc.x);
-    store_out(p.out, p.out_f32, o0 + 1, acc.y);
-    store_out(p.out, p.out_f32, o0 + 2, acc.z);
-    store_out(p.out, p.out_f32, o0 + 3, acc.w);
-  }
-  if (threadIdx.x == 0) p.tickets[group] = 0;  // ready for the next launch (graph replay)
+  mla_merge<kG>(p, group, smem + kG * kMlaStride * 2);
 }
 
 }  // namespace tilert

@@ -77,6 +77,15 @@ def mla_split_choices(heads: int, attended: int) -> list[int]:
     return sorted({1, 7, kernels.mla_splits(attended, heads, sms)})
 
 
+def out_rel(heads: int, out_dtype: torch.dtype) -> float:
+    """Groups of 32 heads run on tensor cores, whose P . V product takes the
+    probabilities in bf16 (as the reference op rounds them): bf16-level error
+    even for fp32 output. The CUDA-core path keeps them in fp32."""
+    if out_dtype == torch.float32 and heads <= 16:
+        return 1e-3
+    return 2 * 2.0**-8
+
+
 MLA_DENSE = [
     # heads, length, positions
     (16, 1, 64),
@@ -96,7 +105,7 @@ def test_mla_dense(heads, length, positions, out_dtype):
     q_lat = torch.randn(heads, LAT, device=DEV).to(BF)
     q_rope = torch.randn(heads, ROPE, device=DEV).to(BF)
     ref = mla_reference(q_lat, q_rope, lat, rope, torch.arange(length, device=DEV))
-    rel = 1e-3 if out_dtype == torch.float32 else 2 * 2.0**-8
+    rel = out_rel(heads, out_dtype)
     for splits in mla_split_choices(heads, length):
         out = run_mla(q_lat, q_rope, lat, rope, length, splits, out_dtype)
         assert_close(out, ref, f"mla H={heads} L={length} splits={splits} {out_dtype}", rel)
@@ -130,7 +139,7 @@ def test_mla_selected(heads, length, positions, k, out_dtype):
     q_lat = torch.randn(heads, LAT, device=DEV).to(BF)
     q_rope = torch.randn(heads, ROPE, device=DEV).to(BF)
     ref = mla_reference(q_lat, q_rope, lat, rope, picked)
-    rel = 1e-3 if out_dtype == torch.float32 else 2 * 2.0**-8
+    rel = out_rel(heads, out_dtype)
     for splits in mla_split_choices(heads, picked.numel()):
         out = run_mla(q_lat, q_rope, lat, rope, length, splits, out_dtype, sel=sel)
         what = f"mla sel H={heads} L={length} K={k} splits={splits} {out_dtype}"

@@ -1,0 +1,248 @@
+// MLA absorbed decode on tensor cores, for head groups of 32 (DeepSeek-V3's 128
+// heads in four groups). Same tiles, splits, partials and merge as mla.cuh; the
+// two products of a tile run as bf16 mma.sync with fp32 accumulation:
+//
+//   S [32 heads x 64 rows] = Q [32 x 576] . K^T      (latent | rope key per row)
+//   O [32 x 512]          += P [32 x 64] . V          (V = the latent rows)
+//
+// Warp w computes S's columns [8w, 8w + 8) over all 32 heads, then owns O's
+// columns [64w, 64w + 64). The softmax between the two goes through shared
+// memory: the scores (fp32) out, the probabilities (bf16, as the reference
+// rounds them before its product with the latents) and the per-head rescale
+// factors back. On CUDA cores the same tile spent most of its time converting
+// bf16 to fp32 and reloading q; here the products are a few hundred mma each.
+#pragma once
+
+#include "mla.cuh"
+
+namespace tilert {
+
+constexpr int kTcHeads = 32;
+constexpr int kTcScorePitch = kMlaTile + 4;  // fp32
+constexpr int kTcProbPitch = kMlaTile + 8;   // bf16: 144-byte rows, conflict-free ldmatrix
+
+__host__ __device__ constexpr int mla_tc_smem_bytes() {
+  return (kTcHeads + kMlaTile) * kMlaStride * 2   // q rows, cache rows (bf16)
+         + kTcHeads * kTcScorePitch * 4            // scores
+         + kTcHeads * kTcProbPitch * 2             // probabilities
+         + kMlaTile * 4                            // positions of the tile
+         + 3 * kTcHeads * 4;                       // rescale, max, sum per head
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x2(uint32_t& r0, uint32_t& r1, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+               : "=r"(r0), "=r"(r1)
+               : "r"(smem_addr(p)));
+}
+
+// c += a . b for one m16n8k16 tile (a row-major 16x16, b "col" 16x8), fp32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mla_tile_tc(const MlaParams& p, int group, int split, char* smem) {
+  bf16* s_q = reinterpret_cast<bf16*>(smem);
+  bf16* s_k = s_q + kTcHeads * kMlaStride;
+  float* s_s = reinterpret_cast<float*>(s_k + kMlaTile * kMlaStride);  // [32][kTcScorePitch]
+  bf16* s_p = reinterpret_cast<bf16*>(s_s + kTcHeads * kTcScorePitch);  // [32][kTcProbPitch]
+  int* s_pos = reinterpret_cast<int*>(s_p + kTcHeads * kTcProbPitch);
+  float* s_corr = reinterpret_cast<float*>(s_pos + kMlaTile);
+  float* s_m = s_corr + kTcHeads;
+  float* s_l = s_m + kTcHeads;
+
+  pdl_launch_dependents();
+  pdl_wait();
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int h0 = group * kTcHeads;
+  const int len = *p.length;
+  const int n = p.sel ? min(len, p.sel_cap) : len;
+  const int chunk = (n + p.splits - 1) / p.splits;
+  const int beg = min(n, split * chunk), end = min(n, beg + chunk);
+
+  for (int i = threadIdx.x; i < kTcHeads * kMlaRowVecs; i += kMlaThreads) {
+    const int r = i / kMlaRowVecs, c = i % kMlaRowVecs, h = h0 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (h < p.heads) {
+      const bf16* src = c < kMlaLatent / 8 ? p.q_lat + (size_t)h * kMlaLatent + c * 8
+                                           : p.q_rope + (size_t)h * kMlaRope + (c - kMlaLatent / 8) * 8;
+      v = *reinterpret_cast<const uint4*>(src);
+    }
+    *reinterpret_cast<uint4*>(s_q + r * kMlaStride + c * 8) = v;
+  }
+
+  const float qs = p.scale * 1.4426950408889634f;  // log2 units
+  // Softmax state of heads 4 warp + j (phase 2 belongs to this warp).
+  float m[4], l[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    m[j] = -INFINITY;
+    l[j] = 0.f;
+  }
+  float o[2][8][4];  // [m-tile][n-tile][fragment]: O rows mt*16 + g (+8), cols 64 warp + 8 nt + 2 t4
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mt][nt][e] = 0.f;
+
+  for (int t0 = beg; t0 < end; t0 += kMlaTile) {
+    const int rows = min(kMlaTile, end - t0);
+    __syncthreads();  // the previous tile's rows and probabilities are no longer read
+    for (int r = threadIdx.x; r < rows; r += kMlaThreads) s_pos[r] = p.sel ? p.sel[t0 + r] : t0 + r;
+    __syncthreads();
+    // Rows past `rows` are zeros: the products run over whole tiles, and a
+    // stale NaN times a zero probability would still be NaN.
+    for (int i = threadIdx.x; i < kMlaTile * kMlaRowVecs; i += kMlaThreads) {
+      const int r = i / kMlaRowVecs, c = i % kMlaRowVecs;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (r < rows) {
+        const size_t t = s_pos[r];
+        const bf16* src = c < kMlaLatent / 8 ? p.latent + t * kMlaLatent + c * 8
+                                             : p.rope_k + t * kMlaRope + (c - kMlaLatent / 8) * 8;
+        v = *reinterpret_cast<const uint4*>(src);
+      }
+      *reinterpret_cast<uint4*>(s_k + r * kMlaStride + c * 8) = v;
+    }
+    __syncthreads();
+
+    // Phase 1: S[:, 8 warp + (0..7)] over the 576 numbers of a row.
+    {
+      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      const bf16* kb = s_k + (8 * warp + (lane & 7)) * kMlaStride + ((lane >> 3) & 1) * 8;
+      const bf16* qa = s_q + (lane & 15) * kMlaStride + (lane >> 4) * 8;
+#pragma unroll 4
+      for (int k0 = 0; k0 < kMlaRow; k0 += 16) {
+        uint32_t b0, b1;
+        ldsm_x2(b0, b1, kb + k0);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          uint32_t a[4];
+          ldsm_x4(a, qa + mt * 16 * kMlaStride + k0);
+          mma_bf16(s[mt], a, b0, b1);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        float* lo = s_s + (mt * 16 + g) * kTcScorePitch + 8 * warp + 2 * t4;
+        float* hi = lo + 8 * kTcScorePitch;
+        lo[0] = s[mt][0] * qs;
+        lo[1] = s[mt][1] * qs;
+        hi[0] = s[mt][2] * qs;
+        hi[1] = s[mt][3] * qs;
+      }
+    }
+    __syncthreads();
+
+    // Phase 2: online softmax of heads 4 warp + j over the tile's rows.
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = 4 * warp + j;
+      const float x0 = lane < rows ? s_s[r * kTcScorePitch + lane] : -INFINITY;
+      const float x1 = lane + 32 < rows ? s_s[r * kTcScorePitch + lane + 32] : -INFINITY;
+      const float mn = fmaxf(m[j], warp_max(fmaxf(x0, x1)));
+      const bf16 p0 = __float2bfloat16(exp2f(x0 - mn)), p1 = __float2bfloat16(exp2f(x1 - mn));
+      const float corr = exp2f(m[j] - mn);  // 0 on the first tile
+      l[j] = l[j] * corr + warp_sum(__bfloat162float(p0) + __bfloat162float(p1));
+      m[j] = mn;
+      s_p[r * kTcProbPitch + lane] = p0;
+      s_p[r * kTcProbPitch + lane + 32] = p1;
+      if (lane == 0) s_corr[r] = corr;
+    }
+    __syncthreads();
+
+    // Phase 3: O[:, 64 warp + (0..63)] = O * corr + P . V over the tile's 64 rows.
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const float c_lo = s_corr[mt * 16 + g], c_hi = s_corr[mt * 16 + g + 8];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        o[mt][nt][0] *= c_lo;
+        o[mt][nt][1] *= c_lo;
+        o[mt][nt][2] *= c_hi;
+        o[mt][nt][3] *= c_hi;
+      }
+    }
+#pragma unroll
+    for (int k0 = 0; k0 < kMlaTile; k0 += 16) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+        ldsm_x4(a[mt], s_p + (mt * 16 + (lane & 15)) * kTcProbPitch + k0 + (lane >> 4) * 8);
+      const bf16* vb = s_k + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * kMlaStride + 64 * warp +
+                       (lane >> 4) * 8;
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];  // n-tile 2 np: (b0, b1); n-tile 2 np + 1: (b2, b3)
+        ldsm_x4_trans(b, vb + 16 * np);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_bf16(o[mt][2 * np], a[mt], b[0], b[1]);
+          mma_bf16(o[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  if (lane == 0) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      s_m[4 * warp + j] = m[j];  // -inf with l = 0 for an empty split
+      s_l[4 * warp + j] = l[j];
+    }
+  }
+  __syncthreads();
+
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = mt * 16 + g + 8 * half, h = h0 + r;
+      if (h >= p.heads) continue;
+      const float inv = p.splits == 1 ? 1.f / s_l[r] : 1.f;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int c = 64 * warp + 8 * nt + 2 * t4;
+        const float v0 = o[mt][nt][2 * half] * inv, v1 = o[mt][nt][2 * half + 1] * inv;
+        if (p.splits == 1) {
+          store_out(p.out, p.out_f32, (size_t)h * kMlaLatent + c, v0);
+          store_out(p.out, p.out_f32, (size_t)h * kMlaLatent + c + 1, v1);
+        } else {
+          float* po = p.part_o + ((size_t)h * p.splits + split) * kMlaLatent + c;
+          *reinterpret_cast<float2*>(po) = make_float2(v0, v1);
+        }
+      }
+    }
+  if (p.splits == 1) return;
+  if (threadIdx.x < kTcHeads && h0 + (int)threadIdx.x < p.heads) {
+    const size_t slot = (size_t)(h0 + threadIdx.x) * p.splits + split;
+    p.part_ml[2 * slot] = s_m[threadIdx.x];
+    p.part_ml[2 * slot + 1] = s_l[threadIdx.x];
+  }
+  mla_merge<kTcHeads>(p, group, reinterpret_cast<char*>(s_k));
+}
+
+}  // namespace tilert
