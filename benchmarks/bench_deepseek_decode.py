@@ -165,8 +165,9 @@ def time_graph(cfg: dict, args, profile: bool = False) -> dict:
 
 
 def profile_launches(ex, context: int, steps: int = 10) -> list[dict]:
-    """Device time of each launch of one step, alone: launched without PDL with
-    an event after each (the events add ~1-2 us per launch)."""
+    """Device time of each launch of one step: launched without PDL with an
+    event after each, all enqueued behind a sleeping kernel so that the host's
+    enqueue rate (~15 us a launch from Python) does not show in the gaps."""
     from tilert.engine.cuda import kernels
 
     per: list[list[float]] = [[] for _ in ex.launches]
@@ -175,6 +176,7 @@ def profile_launches(ex, context: int, steps: int = 10) -> list[dict]:
         ex.length = context
         ex._stage((11 * i + 5) % ex.model.vocab_size, kernels.sample_config())
         events = [torch.cuda.Event(enable_timing=True) for _ in range(len(ex.launches) + 1)]
+        torch.cuda._sleep(50_000_000)  # ~25 ms: longer than enqueueing the step
         events[0].record()
         for j, la in enumerate(ex.launches):
             la(stream.cuda_stream, pdl=False)
@@ -328,7 +330,7 @@ def main() -> int:
     print("* extrapolated: 3 dense + 58 MoE layers + head at one GPU's bandwidth")
     prof = res["graph_A"].get("profile", [])
     if prof:
-        print("per launch, model A (1 MoE layer), alone, no PDL, us:")
+        print("per launch, model A (1 MoE layer), back to back without PDL, us:")
         for r in prof:
             print(f"  {r['launch']:18} {r['us']:8.1f}  {','.join(r['ops'])}")
         print(f"  {'sum':18} {sum(r['us'] for r in prof):8.1f}")

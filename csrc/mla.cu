@@ -29,13 +29,21 @@ __global__ void __launch_bounds__(kMlaThreads) mla_tc_kernel(const __grid_consta
   mla_tile_tc(p, blockIdx.x, blockIdx.y, smem);
 }
 
+__global__ void __launch_bounds__(kWarp) mla_combine_kernel(const __grid_constant__ MlaParams p) {
+  mla_combine_block(p, blockIdx.x, blockIdx.y);
+}
+
+// Two launches when split: the attention, then the combine (both PDL-chained).
 int launch_mla_tc(const MlaParams& p, void* stream, int pdl) {
   constexpr int smem = mla_tc_smem_bytes();
-  const cudaError_t e =
+  cudaError_t e =
       cudaFuncSetAttribute(mla_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return static_cast<int>(e);
   const dim3 grid((p.heads + kTcHeads - 1) / kTcHeads, p.splits);
-  return launch(mla_tc_kernel, grid, dim3(kMlaThreads), smem, stream, pdl, p);
+  int rc = launch(mla_tc_kernel, grid, dim3(kMlaThreads), smem, stream, pdl, p);
+  if (rc != 0 || p.splits == 1) return rc;
+  return launch(mla_combine_kernel, dim3(p.heads, kMlaLatent / kCombineDims), dim3(kWarp), 0, stream,
+                pdl, p);
 }
 
 }  // namespace tilert

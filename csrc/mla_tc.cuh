@@ -1,6 +1,7 @@
 // MLA absorbed decode on tensor cores, for head groups of 32 (DeepSeek-V3's 128
-// heads in four groups). Same tiles, splits, partials and merge as mla.cuh; the
-// two products of a tile run as bf16 mma.sync with fp32 accumulation:
+// heads in four groups). Same tiles, splits and partials as mla.cuh, but the
+// splits are combined by a second, wide launch (mla_combine_block); the two
+// products of a tile run as bf16 mma.sync with fp32 accumulation:
 //
 //   S [32 heads x 64 rows] = Q [32 x 576] . K^T      (latent | rope key per row)
 //   O [32 x 512]          += P [32 x 64] . V          (V = the latent rows)
@@ -114,19 +115,22 @@ __device__ __forceinline__ void mla_tile_tc(const MlaParams& p, int group, int s
     __syncthreads();  // the previous tile's rows and probabilities are no longer read
     for (int r = threadIdx.x; r < rows; r += kMlaThreads) s_pos[r] = p.sel ? p.sel[t0 + r] : t0 + r;
     __syncthreads();
+    // Asynchronous copies: every row vector of the tile in flight at once.
     // Rows past `rows` are zeros: the products run over whole tiles, and a
     // stale NaN times a zero probability would still be NaN.
     for (int i = threadIdx.x; i < kMlaTile * kMlaRowVecs; i += kMlaThreads) {
       const int r = i / kMlaRowVecs, c = i % kMlaRowVecs;
-      uint4 v = make_uint4(0, 0, 0, 0);
+      bf16* dst = s_k + r * kMlaStride + c * 8;
       if (r < rows) {
         const size_t t = s_pos[r];
         const bf16* src = c < kMlaLatent / 8 ? p.latent + t * kMlaLatent + c * 8
                                              : p.rope_k + t * kMlaRope + (c - kMlaLatent / 8) * 8;
-        v = *reinterpret_cast<const uint4*>(src);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
       }
-      *reinterpret_cast<uint4*>(s_k + r * kMlaStride + c * 8) = v;
     }
+    asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
 
     // Phase 1: S[:, 8 warp + (0..7)] over the 576 numbers of a row.
@@ -242,7 +246,42 @@ __device__ __forceinline__ void mla_tile_tc(const MlaParams& p, int group, int s
     p.part_ml[2 * slot] = s_m[threadIdx.x];
     p.part_ml[2 * slot + 1] = s_l[threadIdx.x];
   }
-  mla_merge<kTcHeads>(p, group, reinterpret_cast<char*>(s_k));
+}
+
+// Combines the splits' partials, in a launch of its own: one warp per (head,
+// 128 latent dims), so the 2 KB x splits x heads of partials are read by many
+// SMs at once (a single merging block per head group reads them at one SM's
+// bandwidth, which took longer than the attention itself).
+constexpr int kCombineDims = kWarp * 4;
+
+__device__ __forceinline__ void mla_combine_block(const MlaParams& p, int h, int part) {
+  pdl_launch_dependents();
+  pdl_wait();
+  const int lane = threadIdx.x;
+  const float* ml = p.part_ml + (size_t)h * p.splits * 2;
+  float mm = -INFINITY;
+  for (int s = 0; s < p.splits; ++s) mm = fmaxf(mm, __ldcg(ml + 2 * s));
+  float ll = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int d = part * kCombineDims + lane * 4;
+  const float* po = p.part_o + (size_t)h * p.splits * kMlaLatent + d;
+#pragma unroll 8
+  for (int s = 0; s < p.splits; ++s) {
+    const float ms = __ldcg(ml + 2 * s);
+    const float w = ms == -INFINITY ? 0.f : exp2f(ms - mm);  // empty splits weigh 0
+    ll = fmaf(w, __ldcg(ml + 2 * s + 1), ll);
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(po + (size_t)s * kMlaLatent));
+    acc.x = fmaf(w, v.x, acc.x);
+    acc.y = fmaf(w, v.y, acc.y);
+    acc.z = fmaf(w, v.z, acc.z);
+    acc.w = fmaf(w, v.w, acc.w);
+  }
+  const float inv = 1.f / ll;
+  const size_t o = (size_t)h * kMlaLatent + d;
+  store_out(p.out, p.out_f32, o, acc.x * inv);
+  store_out(p.out, p.out_f32, o + 1, acc.y * inv);
+  store_out(p.out, p.out_f32, o + 2, acc.z * inv);
+  store_out(p.out, p.out_f32, o + 3, acc.w * inv);
 }
 
 }  // namespace tilert

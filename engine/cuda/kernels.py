@@ -709,13 +709,15 @@ def _mlib() -> ctypes.CDLL:
 
 def mla_splits(max_attended: int, heads: int, sms: int) -> int:
     """Position splits for MLA decode: about one block per SM over all head
-    groups, none shorter than 64 positions (one staged tile), and few enough that
-    the merging block's read of the partials (splits x group x 2 KiB) stays small."""
+    groups, none shorter than 64 positions (one staged tile). Groups of 16 or
+    fewer heads merge in their last block, so the partials it reads (splits x
+    group x 2 KiB) must stay small; groups of 32 (tensor cores) are combined
+    by a wide second launch."""
     group = 32 if heads > 16 else 16 if heads > 8 else 8
     groups = math.ceil(heads / group)
     by_sms = max(1, sms // groups)
     by_len = max(1, math.ceil(max_attended / 64))
-    by_merge = max(1, 512 // group)
+    by_merge = MLA_MAX_SPLITS if group == 32 else max(1, 512 // group)
     return max(1, min(MLA_MAX_SPLITS, by_sms, by_len, by_merge))
 
 
