@@ -62,7 +62,8 @@ def fp8_gemv_multi(
         (ctypes.c_void_p * count)(*outs),
         (ctypes.c_int * count)(*ns),
     )
-    ppt, ksplit, chunk = fp8_gemv_tiling(k)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    ppt, ksplit, chunk = fp8_gemv_tiling(k, sum(ns), sms)
     args = (
         count,
         *(ctypes.cast(a, ctypes.c_void_p) for a in arrays),

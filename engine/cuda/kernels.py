@@ -410,17 +410,26 @@ def _fp8_weight(w: torch.Tensor, scale: torch.Tensor, name: str, device: torch.d
     return ptr
 
 
-def fp8_gemv_tiling(k: int) -> tuple[int, int, int]:
+def fp8_gemv_tiling(k: int, n: int | None = None, sms: int = 132) -> tuple[int, int, int]:
     """(pairs per tile, K split, chunk in 16-byte vectors) for rows of K fp8 bytes:
     eight warps a block; a row is cut so that each warp reads about 2-4 KiB of it,
-    each part a whole number of 128-byte lines."""
+    each part a whole number of 128-byte lines.
+
+    Every block stages all of x (2K bytes) before its first product, so a tile
+    of few rows spends much of its time on that: with N given (N rows over
+    `sms` SMs), tiles grow to up to 64 items while there are still two tiles
+    per SM (K=16384, N=7168: 26 rows a tile instead of 4, x staged 6x less)."""
     nvec = k // 16
     ksplit = 1
     while ksplit < 8 and nvec // (2 * ksplit) >= 128:
         ksplit *= 2
     chunk = math.ceil(math.ceil(nvec / ksplit) / 8) * 8
     ksplit = math.ceil(nvec / chunk)
-    return max(1, 8 // ksplit), ksplit, chunk
+    ppt = max(1, 8 // ksplit)
+    if n is not None:
+        pairs = (n + 1) // 2
+        ppt = max(ppt, min(64 // ksplit, pairs // (2 * sms)))
+    return ppt, ksplit, chunk
 
 
 def fp8_gemv(
@@ -449,7 +458,8 @@ def fp8_gemv(
         raise ValueError(f"x: dtype {x.dtype}, expected bfloat16 or float32")
     if out.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"out: dtype {out.dtype}, expected bfloat16 or float32")
-    ppt, ksplit, chunk = tiling or fp8_gemv_tiling(k)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    ppt, ksplit, chunk = tiling or fp8_gemv_tiling(k, wn if groups is None else None, sms)
     g_rows = g_stride = g_offset = 0
     if groups is None:
         n = wn
@@ -653,9 +663,12 @@ def moe_down(
     out: torch.Tensor,
     *,
     residual: torch.Tensor | None = None,
-    pairs_per_tile: int = 4,
+    pairs_per_tile: int = 8,
 ) -> Launch:
-    """out [H] bf16 = (residual +) sum_s weights[s] * D_ids[s] act[s] + D_shared act[k]."""
+    """out [H] bf16 = (residual +) sum_s weights[s] * D_ids[s] act[s] + D_shared act[k].
+
+    Each block stages all of act (k x inter bf16) first, so tiles cover 16 rows
+    by default (8 staged act bytes per 9 weight bytes at 8 rows)."""
     dev = act.device
     (top_k,) = ids.shape
     slots = top_k + (1 if ex.shared_inter else 0)
