@@ -104,7 +104,7 @@ constexpr int kPrepThreads = 256;
 constexpr int kPrepHeadsPerBlock = kPrepThreads / kWarp;
 constexpr int kPrepMaxDim = 1024;  // idim, staged in shared memory
 
-__device__ __forceinline__ void mla_prep_block(const MlaPrepParams& p) {
+__device__ __forceinline__ void mla_prep_block(const MlaPrepParams& p, int block) {
   __shared__ float scratch[kWarp];
   __shared__ bf16 stage[kPrepMaxDim];
   pdl_launch_dependents();
@@ -112,7 +112,7 @@ __device__ __forceinline__ void mla_prep_block(const MlaPrepParams& p) {
   const int pos = *p.pos;
   const float* c = p.cos + (size_t)pos * p.rope;
   const float* s = p.sin + (size_t)pos * p.rope;
-  if (blockIdx.x == 0) {
+  if (block == 0) {
     // Latent: RMSNorm in fp32, rounded to bf16 before the weight (ops/common.py).
     float ss = 0.f;
     for (int i = threadIdx.x; i < p.lora; i += blockDim.x) {
@@ -128,7 +128,7 @@ __device__ __forceinline__ void mla_prep_block(const MlaPrepParams& p) {
                 threadIdx.x, blockDim.x);
     return;
   }
-  if (blockIdx.x == 1) {
+  if (block == 1) {
     if (p.iq == nullptr) return;
     // Index key: LayerNorm in fp32 (eps 1e-6), rounded to bf16, then the rope.
     float sum = 0.f;
@@ -151,7 +151,7 @@ __device__ __forceinline__ void mla_prep_block(const MlaPrepParams& p) {
     return;
   }
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int item = (blockIdx.x - 2) * kPrepHeadsPerBlock + warp;
+  const int item = (block - 2) * kPrepHeadsPerBlock + warp;
   if (item < p.heads) {
     const bf16* qh = p.q + (size_t)item * (p.nope + p.rope) + p.nope;
     rope_rotate(qh, p.q_rope + (size_t)item * p.rope, c, s, p.rope, p.interleave, lane, kWarp);

@@ -20,6 +20,16 @@ _SIGNATURES = {
     "tilert_mla_prep": [_P] * 9 + [_I] * 5 + [_F] + [_P] * 6 + [_I, _I, _P, _I],
     "tilert_q_absorb": [_P] * 4 + [_I] * 5 + [_P, _I],
     "tilert_indexer_weights": [_P] * 3 + [_I] * 2 + [_P, _I],
+    "tilert_attention_prep": [_P] * 9
+    + [_I] * 5
+    + [_F]
+    + [_P] * 6
+    + [_I, _I]
+    + [_P] * 3
+    + [_I]
+    + [_P] * 3
+    + [_I] * 2
+    + [_P, _I],
 }
 _ready = False
 PREP_MAX_DIM = 1024  # csrc/mla_prep.cuh kPrepMaxDim
@@ -93,7 +103,36 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float
     return Launch("rmsnorm", _lib().tilert_rmsnorm, args, (x, weight, out))
 
 
-def mla_prep(
+def mla_prep(**kw) -> Launch:
+    """The rope/cache step alone; see _prep_args."""
+    args, keep = _prep_args(**kw)
+    return Launch("mla_prep", _lib().tilert_mla_prep, args, keep)
+
+
+def attention_prep(
+    *,
+    kv_b: torch.Tensor,
+    kv_b_scale: torch.Tensor,
+    q_absorbed: torch.Tensor,
+    v: int,
+    head_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    **prep,
+) -> Launch:
+    """mla_prep, q_absorb(prep["q"], kv_b, ...) and, for V3.2, indexer_weights
+    (head_weights = (w, x, out)) in one launch: they read q_b's and the norm's
+    outputs and none reads another's."""
+    args, keep = _prep_args(**prep)
+    q, nope = prep["q"], prep["nope"]
+    absorb = q_absorb(q, kv_b, kv_b_scale, q_absorbed, nope=nope, v=v)
+    weights: tuple = (None, None, None, 0, 0)
+    if head_weights is not None:
+        iw = indexer_weights(*head_weights)
+        weights, keep = iw.args, (*keep, iw.keep)
+    args = (*args, *absorb.args[1:4], v, *weights)
+    return Launch("attention_prep", _lib().tilert_attention_prep, args, (*keep, absorb.keep))
+
+
+def _prep_args(
     *,
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -108,9 +147,9 @@ def mla_prep(
     interleave: bool,
     eps: float,
     index: dict | None = None,
-) -> Launch:
-    """The rope/cache step of one token (engine/ops/mla.py mla_rope_cache and the
-    key/query half of ops/indexer.py):
+) -> tuple[tuple, tuple]:
+    """Checked arguments of the rope/cache step of one token (engine/ops/mla.py
+    mla_rope_cache and the key/query half of ops/indexer.py):
 
     q [H, nope + R] bf16, kv [L + R] bf16, kv_norm [L]; cos/sin [positions, R]
     fp32 half-split tables; pos device int32 [1]; writes latent_cache[pos] [L],
@@ -157,7 +196,7 @@ def mla_prep(
         ]
         keep += (index,)
     args = (*ptrs, heads, nope, rope, lora, int(interleave), float(eps), *iptrs, iheads, idim)
-    return Launch("mla_prep", _lib().tilert_mla_prep, args, keep)
+    return args, keep
 
 
 def q_absorb(

@@ -663,12 +663,9 @@ def moe_down(
     out: torch.Tensor,
     *,
     residual: torch.Tensor | None = None,
-    pairs_per_tile: int = 8,
+    pairs_per_tile: int = 4,
 ) -> Launch:
-    """out [H] bf16 = (residual +) sum_s weights[s] * D_ids[s] act[s] + D_shared act[k].
-
-    Each block stages all of act (k x inter bf16) first, so tiles cover 16 rows
-    by default (8 staged act bytes per 9 weight bytes at 8 rows)."""
+    """out [H] bf16 = (residual +) sum_s weights[s] * D_ids[s] act[s] + D_shared act[k]."""
     dev = act.device
     (top_k,) = ids.shape
     slots = top_k + (1 if ex.shared_inter else 0)

@@ -1,16 +1,18 @@
 """DeepSeek-V3 / V3.2 decode lowered to CUDA tile kernels for the graph executor.
 
-One layer (MoE, V3.2) becomes 15 launches:
+One layer (MoE, V3.2) becomes 14 launches:
 
   rmsnorm         x -> h                                   attn_norm
   fp8_gemv_multi  h -> q_a | kv | index key                q_a, kv_a, indexer.wk
   rmsnorm         q_a -> q_lat                             q_a_norm
   fp8_gemv_multi  q_lat -> q | index queries               q_b, indexer.wq_b
-  indexer_weights h -> index head weights (fp32)           indexer.weights_proj
-  mla_prep        latent/rope/index caches at pos, q_rope  rope (+ indexer keys)
-  q_absorb        q_nope -> q_lat_abs through kv_b's key half
+  attention_prep  one grid, three independent parts:       rope (+ indexer keys)
+                  latent/rope/index caches at pos, q_rope;
+                  q_nope -> q_absorbed through kv_b's key half;
+                  h -> index head weights (fp32 weights_proj)
   indexer_topk    scores and top-k positions -> sel        indexer
   mla_decode      softmax over the selected positions, in latent space
+                  (tensor cores, then a wide combine of the splits)
   fp8_gemv        per-head value half of kv_b -> attn      attn
   fp8_gemv        x += o_proj attn                         o_proj
   rmsnorm         x -> h                                   mlp_norm
@@ -163,11 +165,11 @@ class DeepSeekLowering:
         ra, rp = rope_op.attrs, self.params(rope_op)
         cos, sin = self.ex._tables(rp, rope)
         q_rope = self.buf("q_rope", (heads, rope))
-        index_args = None
+        index_args = head_weights = None
         if ip is not None:
             iw = self.buf("index.w", (iheads,), torch.float32)
             iq_roped = self.buf("index.q_roped", (iheads, idim))
-            out.append(dk.indexer_weights(ip["proj"].dense(torch.float32), h, iw))
+            head_weights = (ip["proj"].dense(torch.float32), h, iw)
             index_args = {
                 "q": iq,
                 "k": ik,
@@ -176,7 +178,11 @@ class DeepSeekLowering:
                 "cache": self.cache(ia["cache"]),
                 "q_out": iq_roped,
             }
-        prep = dk.mla_prep(
+        attn_op = layer["attn"]
+        aa = attn_op.attrs
+        kv_b, kv_b_s = _fp8(self.params(attn_op)["kv_b"], f"{pre}.kv_b")
+        q_abs = self.buf("q_absorbed", (heads, lora))
+        prep = dk.attention_prep(
             q=q,
             kv=kv,
             kv_norm=rp["kv_norm"],
@@ -190,14 +196,13 @@ class DeepSeekLowering:
             interleave=bool(ra["interleave"]),
             eps=float(ra["eps"]),
             index=index_args,
+            kv_b=kv_b,
+            kv_b_scale=kv_b_s,
+            q_absorbed=q_abs,
+            v=v,
+            head_weights=head_weights,
         )
         out.append(self.tag(prep, rope_op))
-
-        attn_op = layer["attn"]
-        aa = attn_op.attrs
-        kv_b, kv_b_s = _fp8(self.params(attn_op)["kv_b"], f"{pre}.kv_b")
-        q_abs = self.buf("q_absorbed", (heads, lora))
-        out.append(dk.q_absorb(q, kv_b, kv_b_s, q_abs, nope=nope, v=v))
         sel = None
         attended = self.positions
         if ip is not None:

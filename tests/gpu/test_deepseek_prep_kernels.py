@@ -188,3 +188,83 @@ def test_bindings_refuse_bad_shapes():
         kernels.fp8_gemv(
             w, s, torch.zeros(2, 128, device=DEV, dtype=BF), nan(64), groups=(32, 40, 16)
         )
+
+
+@pytest.mark.parametrize("indexer", [True, False])
+def test_attention_prep_equals_its_parts(indexer):
+    """The fused launch writes exactly what mla_prep, q_absorb and
+    indexer_weights write as separate launches."""
+    cfg = make_config("deepseek-v3.2")
+    heads, iheads, idim, hidden = 128, 64, 128, 7168
+    positions, nope, rope, lora, v = 300, 128, 64, 512, 128
+    cos, sin = rope_tables(cfg, rope, positions)
+    cos, sin = cos.to(DEV, torch.float32).contiguous(), sin.to(DEV, torch.float32).contiguous()
+    posd = torch.tensor([random.randrange(positions)], dtype=torch.int32, device=DEV)
+    q = torch.randn(heads, nope + rope, device=DEV).to(BF)
+    kv = torch.randn(lora + rope, device=DEV).to(BF)
+    kv_norm = (0.5 + torch.rand(lora, device=DEV)).to(BF)
+    kv_b, kv_b_s = rand_fp8(heads * (nope + v), lora)
+    proj = torch.randn(iheads, hidden, device=DEV) / math.sqrt(hidden)
+    x = torch.randn(hidden, device=DEV).to(BF)
+    iq = torch.randn(iheads, idim, device=DEV).to(BF)
+    ik = torch.randn(idim, device=DEV).to(BF)
+    nw, nb = torch.rand(idim, device=DEV).to(BF), torch.randn(idim, device=DEV).to(BF)
+
+    def outputs():
+        return {
+            "lat": nan(positions, lora),
+            "rope": nan(positions, rope),
+            "q_rope": nan(heads, rope),
+            "q_abs": nan(heads, lora),
+            "idx": nan(positions, idim),
+            "iq": nan(iheads, idim),
+            "w": nan(iheads, dtype=torch.float32),
+        }
+
+    def prep_kw(o):
+        index = None
+        if indexer:
+            index = {
+                "q": iq,
+                "k": ik,
+                "norm_w": nw,
+                "norm_b": nb,
+                "cache": o["idx"],
+                "q_out": o["iq"],
+            }
+        return dict(
+            q=q,
+            kv=kv,
+            kv_norm=kv_norm,
+            cos=cos,
+            sin=sin,
+            pos=posd,
+            latent_cache=o["lat"],
+            rope_cache=o["rope"],
+            q_rope=o["q_rope"],
+            nope=nope,
+            interleave=True,
+            eps=1e-6,
+            index=index,
+        )
+
+    parts, fused = outputs(), outputs()
+    dk.mla_prep(**prep_kw(parts))()
+    dk.q_absorb(q, kv_b, kv_b_s, parts["q_abs"], nope=nope, v=v)()
+    if indexer:
+        dk.indexer_weights(proj, x, parts["w"])()
+    dk.attention_prep(
+        **prep_kw(fused),
+        kv_b=kv_b,
+        kv_b_scale=kv_b_s,
+        q_absorbed=fused["q_abs"],
+        v=v,
+        head_weights=(proj, x, fused["w"]) if indexer else None,
+    )()
+    torch.cuda.synchronize()
+    for name in parts:
+        assert torch.equal(parts[name].isnan(), fused[name].isnan()), f"{name}: written elsewhere"
+        a, b = parts[name].nan_to_num(), fused[name].nan_to_num()
+        assert torch.equal(a, b), f"{name}: fused launch differs"
+    assert not parts["q_abs"].isnan().any()
+    assert parts["w"].isnan().any() != indexer
