@@ -78,14 +78,21 @@ int tilert_fp8_gemv(const void* w, const float* scale, const void* x, const void
 
 // `count` (1..3) matrices w[s] [n[s], k] over the same bf16 x, each to its own
 // bf16 out[s], in one launch.
+// norm (optional, [k] bf16): RMSNorm prologue with eps; norm_out (optional)
+// receives the normalized x once.
 int tilert_fp8_gemv_multi(int count, const void* const* w, const float* const* scale,
                           void* const* out, const int* n, const void* x, int k, int pairs_per_tile,
-                          int ksplit, int chunk, void* stream, int pdl) {
+                          int ksplit, int chunk, const void* norm, void* norm_out, float eps,
+                          void* stream, int pdl) {
   if (count < 1 || count > kFp8MaxSegments) return static_cast<int>(cudaErrorInvalidValue);
   Fp8GemvMulti m = {};
   m.count = count;
-  for (int s = 0; s < count; ++s)
+  for (int s = 0; s < count; ++s) {
     m.seg[s] = fp8_params(w[s], scale[s], x, out[s], n[s], k, pairs_per_tile, ksplit, chunk);
+    m.seg[s].norm = static_cast<const bf16*>(norm);
+    m.seg[s].norm_out = s == 0 ? static_cast<bf16*>(norm_out) : nullptr;
+    m.seg[s].eps = eps;
+  }
   return launch_fp8_gemv<bf16>(m, stream, pdl);
 }
 

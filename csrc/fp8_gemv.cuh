@@ -142,6 +142,12 @@ struct Fp8GemvParams {
   // input x + (r / group_rows) * k. group_rows == 0: plain rows, one x. A tile
   // never straddles two groups (group_rows is a multiple of 2 * pairs_per_tile).
   int group_rows, group_stride, group_offset;
+  // Optional RMSNorm prologue (bf16 x only): the staged x becomes
+  // norm * bf16(x * rsqrt(mean(x^2) + eps)), as engine/ops/common.py rounds it;
+  // tile 0 also writes it to norm_out when that is set (for later launches).
+  const bf16* norm;
+  bf16* norm_out;
+  float eps;
 };
 
 __device__ __forceinline__ int fp8_weight_row(const Fp8GemvParams& p, int r) {
@@ -175,6 +181,24 @@ __device__ __forceinline__ void fp8_store(const Fp8GemvParams& p, int r, float a
   }
 }
 
+// RMSNorm of the staged input in place (all threads of the block).
+__device__ __forceinline__ void fp8_norm_staged(const Fp8GemvParams& p, bf16* xs, bool write_out) {
+  __shared__ float scratch[kWarp];
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < p.k; i += blockDim.x) {
+    const float v = __bfloat162float(xs[i]);
+    ss += v * v;
+  }
+  const float rstd = rsqrtf(block_sum(ss, scratch) / p.k + p.eps);
+  for (int i = threadIdx.x; i < p.k; i += blockDim.x) {
+    const bf16 y = __float2bfloat16(__bfloat162float(__ldg(p.norm + i)) *
+                                    round_bf16(__bfloat162float(xs[i]) * rstd));
+    xs[i] = y;
+    if (write_out && p.norm_out != nullptr) p.norm_out[i] = y;
+  }
+  __syncthreads();
+}
+
 // One tile: pairs of neighbouring rows (2t, 2t+1); an odd last row pairs with itself.
 template <typename XT>
 __device__ __forceinline__ void fp8_gemv_tile(const Fp8GemvParams& p, int tile, char* smem) {
@@ -204,6 +228,9 @@ __device__ __forceinline__ void fp8_gemv_tile(const Fp8GemvParams& p, int tile, 
   for (int j = threadIdx.x; j < 2 * count; j += blockDim.x) acc[j] = 0.f;
   fp8_stage_input<XT>(x, p.k, xs);
   __syncthreads();
+  if constexpr (sizeof(XT) == 2) {
+    if (p.norm != nullptr) fp8_norm_staged(p, reinterpret_cast<bf16*>(xs), tile == 0);
+  }
 
   for (int it = warp; it < items; it += warps) {
     const int j = it / p.ksplit, part = it % p.ksplit;

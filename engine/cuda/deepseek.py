@@ -48,10 +48,18 @@ def _lib() -> ctypes.CDLL:
 
 
 def fp8_gemv_multi(
-    mats: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], x: torch.Tensor
+    mats: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    *,
+    norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    norm_out: torch.Tensor | None = None,
 ) -> Launch:
-    """out_s [N_s] bf16 = W_s x for up to three (W_s, scale_s, out_s) over one
-    x [K] bf16, in one launch (FP8 e4m3 weights with 128x128 block scales)."""
+    """out_s [N_s] bf16 = W_s x' for up to three (W_s, scale_s, out_s) over one
+    x [K] bf16, in one launch (FP8 e4m3 weights with 128x128 block scales).
+
+    x' = x, or with norm [K] bf16 x' = rmsnorm(x) * norm (ops/common.py
+    rounding), computed by every block as it stages x; norm_out [K] receives x'."""
     if not 1 <= len(mats) <= 3:
         raise ValueError(f"fp8_gemv_multi: {len(mats)} matrices, expected 1..3")
     dev = x.device
@@ -74,6 +82,8 @@ def fp8_gemv_multi(
     )
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     ppt, ksplit, chunk = fp8_gemv_tiling(k, sum(ns), sms)
+    if norm_out is not None and norm is None:
+        raise ValueError("fp8_gemv_multi: norm_out without norm")
     args = (
         count,
         *(ctypes.cast(a, ctypes.c_void_p) for a in arrays),
@@ -82,8 +92,11 @@ def fp8_gemv_multi(
         ppt,
         ksplit,
         chunk,
+        _check(norm, "norm", torch.bfloat16, (k,), dev, optional=True),
+        _check(norm_out, "norm_out", torch.bfloat16, (k,), dev, optional=True),
+        float(eps),
     )
-    keep = (mats, x, arrays)
+    keep = (mats, x, arrays, norm, norm_out)
     return Launch("fp8_gemv_multi", _lib().tilert_fp8_gemv_multi, args, keep)
 
 

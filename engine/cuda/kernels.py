@@ -376,7 +376,7 @@ def sample_config(
 _U = ctypes.c_uint64
 _DEEPSEEK_SIGNATURES = {
     "tilert_fp8_gemv": [_P] * 5 + [_I] * 10 + [_P, _I],
-    "tilert_fp8_gemv_multi": [_I] + [_P] * 5 + [_I] * 4 + [_P, _I],
+    "tilert_fp8_gemv_multi": [_I] + [_P] * 5 + [_I] * 4 + [_P, _P, _F, _P, _I],
     "tilert_moe_router": [_P, _P, _I] + [_P] * 5 + [_I] * 6 + [_F, _P, _I],
     "tilert_moe_gate_up": [_P] * 5 + [_I] * 8 + [_P, _I],
     "tilert_moe_down": [_P] * 6 + [_I] * 6 + [_P, _I],

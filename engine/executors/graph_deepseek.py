@@ -1,11 +1,11 @@
 """DeepSeek-V3 / V3.2 decode lowered to CUDA tile kernels for the graph executor.
 
-One layer (MoE, V3.2) becomes 14 launches:
+One layer (MoE, V3.2) becomes 12 launches (13 kernels):
 
-  rmsnorm         x -> h                                   attn_norm
-  fp8_gemv_multi  h -> q_a | kv | index key                q_a, kv_a, indexer.wk
-  rmsnorm         q_a -> q_lat                             q_a_norm
-  fp8_gemv_multi  q_lat -> q | index queries               q_b, indexer.wq_b
+  fp8_gemv_multi  attn_norm as prologue (h written once),  attn_norm, q_a, kv_a,
+                  then h -> q_a | kv | index key           indexer.wk
+  fp8_gemv_multi  q_a_norm as prologue, then               q_a_norm, q_b,
+                  q_lat -> q | index queries               indexer.wq_b
   attention_prep  one grid, three independent parts:       rope (+ indexer keys)
                   latent/rope/index caches at pos, q_rope;
                   q_nope -> q_absorbed through kv_b's key half;
@@ -129,7 +129,15 @@ class DeepSeekLowering:
         heads, nope, rope, v, lora = self.heads, self.nope, self.rope, self.v, self.lora
         out: list[kernels.Launch] = []
         h = self.buf("h", (hidden,))
-        out.append(self.norm(layer["attn_norm"], h))
+        x = self.ex.bufs["x"]
+        attn_norm = layer["attn_norm"]
+        # attn_norm runs as the first GEMV's prologue, which also writes h once
+        # for the indexer's head weights two launches later.
+        fused_norm = {
+            "norm": self.params(attn_norm)["weight"],
+            "eps": float(attn_norm.attrs["eps"]),
+            "norm_out": h,
+        }
 
         q = self.buf("q", (heads, nope + rope))
         kv = self.buf("kv", (lora + rope,))
@@ -148,18 +156,26 @@ class DeepSeekLowering:
             q_a_w = self.params(layer["q_a"])["w"][0]
             q_lora = q_a_w.shape[0]
             q_a = self.buf("q_a", (q_lora,))
-            q_lat = self.buf("q_lat", (q_lora,))
-            gemv = dk.fp8_gemv_multi([(*_fp8(q_a_w, f"{pre}.q_a"), q_a), *first], h)
-            out.append(self.tag(gemv, layer["q_a"], layer["kv_a"]))
-            out.append(self.norm(layer["q_a_norm"], q_lat))
+            gemv = dk.fp8_gemv_multi([(*_fp8(q_a_w, f"{pre}.q_a"), q_a), *first], x, **fused_norm)
+            out.append(self.tag(gemv, attn_norm, layer["q_a"], layer["kv_a"]))
+            # q_a_norm likewise runs as the prologue of q_b (q_lat is read by no one else).
+            q_a_norm = layer["q_a_norm"]
             second = [(*_fp8(self.params(layer["q_b"])["w"][0], f"{pre}.q_b"), q.view(-1))]
             if ip is not None:
                 second.append((*_fp8(ip["wq_b"], f"{pre}.indexer.wq_b"), iq.view(-1)))
-            out.append(self.tag(dk.fp8_gemv_multi(second, q_lat), layer["q_b"]))
+            gemv = dk.fp8_gemv_multi(
+                second,
+                q_a,
+                norm=self.params(q_a_norm)["weight"],
+                eps=float(q_a_norm.attrs["eps"]),
+            )
+            out.append(self.tag(gemv, q_a_norm, layer["q_b"]))
         else:
             q_w = self.params(layer["q"])["w"][0]
-            gemv = dk.fp8_gemv_multi([(*_fp8(q_w, f"{pre}.q"), q.view(-1)), *first], h)
-            out.append(self.tag(gemv, layer["q"], layer["kv_a"]))
+            gemv = dk.fp8_gemv_multi(
+                [(*_fp8(q_w, f"{pre}.q"), q.view(-1)), *first], x, **fused_norm
+            )
+            out.append(self.tag(gemv, attn_norm, layer["q"], layer["kv_a"]))
 
         rope_op = layer["rope"]
         ra, rp = rope_op.attrs, self.params(rope_op)
@@ -238,7 +254,6 @@ class DeepSeekLowering:
         out.append(self.tag(up, attn_op))
         o_proj = layer["o_proj"]
         o_w, o_s = _fp8(self.params(o_proj)["w"][0], f"{pre}.o_proj")
-        x = self.ex.bufs["x"]
         out.append(self.tag(kernels.fp8_gemv(o_w, o_s, attn, x, residual=x), o_proj))
         return out
 

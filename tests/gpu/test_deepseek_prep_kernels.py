@@ -70,14 +70,24 @@ def test_rmsnorm(k):
         ((7,), 16),
     ],
 )
-def test_fp8_gemv_multi(rows, k):
-    x = torch.randn(k, device=DEV).to(BF)
+@pytest.mark.parametrize("norm", [False, True])
+def test_fp8_gemv_multi(rows, k, norm):
+    x = (3 * torch.randn(k, device=DEV)).to(BF)
     mats = [(*rand_fp8(n, k), nan(n)) for n in rows]
-    dk.fp8_gemv_multi(mats, x)()
+    nw = (0.5 + torch.rand(k, device=DEV)).to(BF)
+    normed = nan(k)
+    if norm:
+        dk.fp8_gemv_multi(mats, x, norm=nw, eps=1e-5, norm_out=normed)()
+        xin = rms_norm(x, nw, 1e-5)
+    else:
+        dk.fp8_gemv_multi(mats, x)()
+        xin = x
     torch.cuda.synchronize()
+    if norm:
+        assert_close(normed, xin, f"multi gemv norm_out k={k}", BF_REL)
     for i, (w, s, out) in enumerate(mats):
-        ref = (block_dequant(w, s).double() @ x.double()).float()
-        assert_close(out, ref, f"multi gemv {rows}[{i}] k={k}", BF_REL)
+        ref = (block_dequant(w, s).double() @ xin.double()).float()
+        assert_close(out, ref, f"multi gemv {rows}[{i}] k={k} norm={norm}", BF_REL)
 
 
 @pytest.mark.parametrize("heads,nope,v", [(128, 128, 128), (5, 128, 128), (3, 64, 96)])
