@@ -117,28 +117,13 @@ class Rope:
     eps: float = 1e-6
 
 
-def gemv_tiling(
-    k: int,
-    epilogue: str,
-    head_dim: int = 0,
-    qk_norm: bool = False,
-    pairs: int | None = None,
-    sms: int = 132,
-) -> tuple[int, int]:
+def gemv_tiling(k: int, epilogue: str, head_dim: int = 0, qk_norm: bool = False) -> tuple[int, int]:
     """(pairs per tile, K split): eight warps a block, each pair's row cut along K
-    so that a warp reads about 2048 elements of each of its two rows.
-
-    Every block stages (and normalizes) all of x before its first product, so
-    with the pair count given, tiles grow (up to 64 items) while two tiles per
-    SM remain: the LM head's 64128 pairs take 1002 tiles of 64 pairs, not 8016
-    of 8, and the sampler reads as many partial maxima."""
+    so that a warp reads about 2048 elements of each of its two rows."""
     ksplit = max(1, min(8, k // 2048))
     if epilogue == "rope_kv" and qk_norm:
         return head_dim // 2, ksplit  # the per-head norm needs the whole head in one block
-    ppt = max(1, 8 // ksplit)
-    if pairs is not None:
-        ppt = max(ppt, min(64 // ksplit, pairs // (2 * sms)))
-    return ppt, ksplit
+    return max(1, 8 // ksplit), ksplit
 
 
 def gemv(
@@ -213,8 +198,7 @@ def gemv(
         pairs = (n + 1) // 2
     else:
         raise ValueError(f"gemv: unknown epilogue {epilogue!r}")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    ppt, ksplit = gemv_tiling(k, epilogue, head_dim_for_tiling, qk_norm, pairs, sms)
+    ppt, ksplit = gemv_tiling(k, epilogue, head_dim_for_tiling, qk_norm)
     tiles = math.ceil(pairs / ppt)
     if epilogue == "logits":
         pm = _check(part_max, "part_max", torch.float32, (tiles,), dev)
@@ -251,12 +235,10 @@ def gemv(
     return Launch(f"gemv[{epilogue}]", lib().tilert_gemv, args, keep)
 
 
-def logits_tiles(n: int, k: int, device: Any = None) -> int:
-    """Length of part_max / part_idx for a logits GEMV of N rows (on `device`)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    pairs = (n + 1) // 2
-    ppt, _ = gemv_tiling(k, "logits", pairs=pairs, sms=sms)
-    return math.ceil(pairs / ppt)
+def logits_tiles(n: int, k: int) -> int:
+    """Length of part_max / part_idx for a logits GEMV of N rows."""
+    ppt, _ = gemv_tiling(k, "logits")
+    return math.ceil(((n + 1) // 2) / ppt)
 
 
 def embed(table: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> Launch:

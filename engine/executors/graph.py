@@ -238,7 +238,7 @@ class GraphExecutor:
         n, k = w.shape
         x = self.bufs[op.inputs[0]] if norm is None else self.bufs[norm.inputs[0]]
         logits = self._buf(op.outputs[0], (n,), torch.float32)
-        tiles = kernels.logits_tiles(n, k, self.device)
+        tiles = kernels.logits_tiles(n, k)
         part_max = self._buf("lm_head.part_max", (tiles,), torch.float32)
         part_idx = self._buf("lm_head.part_idx", (tiles,), torch.int32)
         head = kernels.gemv(

@@ -242,7 +242,7 @@ def test_lm_head_logits_and_greedy(vocab, k):
         {"x": x[None]},
     )["h"][0]
     ref = w.float() @ h.float()  # fp32 logits (the kernel keeps them fp32)
-    tiles = kernels.logits_tiles(vocab, k, DEV)
+    tiles = kernels.logits_tiles(vocab, k)
     logits = torch.empty(vocab, device=DEV)
     pm = torch.empty(tiles, device=DEV)
     pi = torch.empty(tiles, dtype=torch.int32, device=DEV)
