@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_every_cu_compiles_for_sm90a(tmp_path):
+def test_every_cu_compiles_for_sm90a(tmp_path, monkeypatch):
     units = [p for p in build.sources() if p.suffix == ".cu"]
     assert units, "no .cu files under csrc/"
     compiler = build.nvcc()
@@ -50,6 +50,14 @@ def test_every_cu_compiles_for_sm90a(tmp_path):
         text=True,
     )
     assert r.returncode == 0, r.stderr
+    # The linked library loads without a GPU; the host's view of the structs it
+    # shares with C++ (SampleConfig's size and field offsets) must match.
+    monkeypatch.setenv("TILERT_KERNELS_LIB", str(tmp_path / "lib.so"))
+    from tilert.engine.cuda import kernels
+
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(build, "_lib", None)
+    kernels.lib()
 
 
 def test_prebuilt_library_needs_no_compiler(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,11 @@ import torch
 from tilert.engine.cuda import build
 
 EPILOGUES = {"store": 0, "silu_mul": 1, "rope_kv": 2, "logits": 3}
-SAMPLE_CONFIG_BYTES = 32  # struct SampleConfig in csrc/sampling.cuh
+# struct SampleConfig in csrc/sampling.cuh, packed by sample_config(): the size
+# and every field's offset are checked against the library at load.
+SAMPLE_CONFIG = struct.Struct("<fiffQQ")  # temperature, top_k, top_p, min_p, seed, step
+SAMPLE_CONFIG_BYTES = SAMPLE_CONFIG.size
+SAMPLE_CONFIG_OFFSETS = (0, 4, 8, 12, 16, 24)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
@@ -30,6 +35,7 @@ _SIGNATURES = {
     "tilert_attention_supported": [_I, _I],
     "tilert_sample": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _I],
     "tilert_sample_config_size": [],
+    "tilert_sample_config_offsets": [ctypes.POINTER(ctypes.c_int), _I],
     "tilert_host_device_pointer": [_P, ctypes.POINTER(ctypes.c_void_p)],
     "tilert_error_string": [_I],
 }
@@ -48,7 +54,12 @@ def lib() -> ctypes.CDLL:
             fn = getattr(handle, name)
             fn.argtypes = argtypes
             fn.restype = ctypes.c_char_p if name == "tilert_error_string" else ctypes.c_int
-        if handle.tilert_sample_config_size() != SAMPLE_CONFIG_BYTES:
+        offsets = (ctypes.c_int * 8)()
+        count = handle.tilert_sample_config_offsets(offsets, 8)
+        if (
+            handle.tilert_sample_config_size() != SAMPLE_CONFIG_BYTES
+            or tuple(offsets[:count]) != SAMPLE_CONFIG_OFFSETS
+        ):
             raise CudaError("SampleConfig layout differs between Python and csrc/sampling.cuh")
         _lib = handle
     return _lib
@@ -363,10 +374,8 @@ def sample_config(
     step: int = 0,
 ) -> bytes:
     """SampleConfig as bytes (little-endian, the layout of csrc/sampling.cuh)."""
-    import struct
-
-    return struct.pack(
-        "<fiffQQ", temperature, top_k, top_p, min_p, seed & (2**64 - 1), step & (2**64 - 1)
+    return SAMPLE_CONFIG.pack(
+        temperature, top_k, top_p, min_p, seed & (2**64 - 1), step & (2**64 - 1)
     )
 
 
