@@ -213,17 +213,20 @@ def test_deepseek_graph_matches_reference(tmp_path, monkeypatch, name):
 def test_deepseek_eager_graph_and_gpu_sampling_agree(tmp_path):
     ckpt = checkpoint(tmp_path, "v3.2", random.randrange(2**31))
     model = describe(ckpt.config)
-    graph = make_executor("graph", model, ckpt.tensors, "cuda", torch.bfloat16)
-    eager = GraphExecutor(model, ckpt.tensors, eager=True)
+    src = tempered(ckpt.tensors)  # decisive expert choices, as in the oracle test
+    graph = make_executor("graph", model, src, "cuda", torch.bfloat16)
+    eager = GraphExecutor(model, src, eager=True)
     prompt = [random.randrange(model.vocab_size) for _ in range(36)]
     lg, le = graph.prefill(prompt).clone(), eager.prefill(prompt).clone()
-    torch.testing.assert_close(lg, le)
+    torch.testing.assert_close(lg, le, rtol=1e-3, atol=1e-3 * le.abs().max().item())
     token = int(torch.argmax(lg))
     for _ in range(8):
         lg = graph.decode(token).clone()
         le = eager.decode(token).clone()
-        # Split-K partial sums may add in another order; nothing else differs.
-        torch.testing.assert_close(lg, le, rtol=1e-3, atol=1e-3 * le.abs().max().item())
+        # The same kernels, but not bit for bit: the indexer writes its picks in
+        # arrival order (so MLA adds them in another order), and among scores
+        # tied exactly at the top-k boundary it keeps the first to arrive.
+        torch.testing.assert_close(lg, le, rtol=0.03, atol=0.03 * le.abs().max().item())
         token = int(torch.argmax(le))
     # on-GPU greedy picks the arg max of the logits the same step produces
     graph.prefill(prompt)
