@@ -79,6 +79,22 @@ __device__ __forceinline__ void store_out(void* out, int f32, size_t i, float v)
     static_cast<bf16*>(out)[i] = __float2bfloat16(v);
 }
 
+// q rows h0 .. h0 + rows of the group into shared memory (pitch kMlaStride):
+// latent part then rope part; heads past the last one are zeros (their
+// results are dropped).
+__device__ __forceinline__ void mla_stage_q(const MlaParams& p, int h0, int rows, bf16* s_q) {
+  for (int i = threadIdx.x; i < rows * kMlaRowVecs; i += blockDim.x) {
+    const int r = i / kMlaRowVecs, c = i % kMlaRowVecs, h = h0 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (h < p.heads) {
+      const bf16* src = c < kMlaLatent / 8 ? p.q_lat + (size_t)h * kMlaLatent + c * 8
+                                           : p.q_rope + (size_t)h * kMlaRope + (c - kMlaLatent / 8) * 8;
+      v = *reinterpret_cast<const uint4*>(src);
+    }
+    *reinterpret_cast<uint4*>(s_q + r * kMlaStride + c * 8) = v;
+  }
+}
+
 // The last split of a head group to arrive merges all its splits' partials.
 // `scratch` is shared memory free by now (kG x splits floats).
 template <int kG>
@@ -159,17 +175,7 @@ __device__ __forceinline__ void mla_tile(const MlaParams& p, int group, int spli
   const int chunk = (n + p.splits - 1) / p.splits;
   const int beg = min(n, split * chunk), end = min(n, beg + chunk);
 
-  // q rows of the group; heads past the last one are zeros (their results are dropped).
-  for (int i = threadIdx.x; i < kG * kMlaRowVecs; i += kMlaThreads) {
-    const int g = i / kMlaRowVecs, c = i % kMlaRowVecs, h = h0 + g;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (h < p.heads) {
-      const bf16* src = c < kMlaLatent / 8 ? p.q_lat + (size_t)h * kMlaLatent + c * 8
-                                           : p.q_rope + (size_t)h * kMlaRope + (c - kMlaLatent / 8) * 8;
-      v = *reinterpret_cast<const uint4*>(src);
-    }
-    *reinterpret_cast<uint4*>(s_q + g * kMlaStride + c * 8) = v;
-  }
+  mla_stage_q(p, h0, kG, s_q);
 
   const float qs = p.scale * 1.4426950408889634f;  // log2 units, so the loop uses exp2
   float m[kHPT], l[kHPT], o[kHPT][16];

@@ -83,16 +83,7 @@ __device__ __forceinline__ void mla_tile_tc(const MlaParams& p, int group, int s
   const int chunk = (n + p.splits - 1) / p.splits;
   const int beg = min(n, split * chunk), end = min(n, beg + chunk);
 
-  for (int i = threadIdx.x; i < kTcHeads * kMlaRowVecs; i += kMlaThreads) {
-    const int r = i / kMlaRowVecs, c = i % kMlaRowVecs, h = h0 + r;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (h < p.heads) {
-      const bf16* src = c < kMlaLatent / 8 ? p.q_lat + (size_t)h * kMlaLatent + c * 8
-                                           : p.q_rope + (size_t)h * kMlaRope + (c - kMlaLatent / 8) * 8;
-      v = *reinterpret_cast<const uint4*>(src);
-    }
-    *reinterpret_cast<uint4*>(s_q + r * kMlaStride + c * 8) = v;
-  }
+  mla_stage_q(p, h0, kTcHeads, s_q);
 
   const float qs = p.scale * 1.4426950408889634f;  // log2 units
   // Softmax state of heads 4 warp + j (phase 2 belongs to this warp).

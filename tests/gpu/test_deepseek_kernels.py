@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from fp8_helpers import assert_close, rand_fp8
 
 from tilert.engine.cuda import kernels
 from tilert.engine.models.base import Op
@@ -28,20 +29,6 @@ def fresh_seed():
     seed = random.randrange(2**31)
     torch.manual_seed(seed)
     yield seed
-
-
-def rand_fp8(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random e4m3 matrix and block scales whose product has rows of unit-ish norm."""
-    w = (2 * torch.randn(n, k, device=DEV)).to(F8)
-    s = (0.5 + torch.rand(scale_shape((n, k)), device=DEV)) / (2 * math.sqrt(k))
-    return w, s
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: float) -> None:
-    a, e = actual.float().cpu(), expected.float().cpu()
-    assert torch.isfinite(a).all(), f"{what}: non-finite output (unwritten element?)"
-    tol = rel * e.abs().max().item()
-    torch.testing.assert_close(a, e, rtol=rel, atol=tol, msg=lambda m: f"{what}: {m}")
 
 
 # ------------------------------------------------------------------ FP8 GEMV

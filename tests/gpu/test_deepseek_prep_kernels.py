@@ -12,18 +12,18 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from fp8_helpers import assert_close, rand_fp8
 
 from tilert.engine.cuda import deepseek as dk
 from tilert.engine.cuda import kernels
 from tilert.engine.ops.common import rms_norm
-from tilert.engine.ops.fp8 import block_dequant, scale_shape
+from tilert.engine.ops.fp8 import block_dequant
 from tilert.engine.ops.mla import apply_rope_interleaved
 from tilert.engine.rope import apply_rope, rope_tables
 from tilert.engine.tools.make_checkpoint import make_config
 
 DEV = "cuda"
 BF = torch.bfloat16
-F8 = torch.float8_e4m3fn
 BF_REL = 2 * 2.0**-8  # bf16 output: a rounding or two of the largest element
 
 
@@ -34,21 +34,8 @@ def fresh_seed():
     yield seed
 
 
-def rand_fp8(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    w = (2 * torch.randn(n, k, device=DEV)).to(F8)
-    s = (0.5 + torch.rand(scale_shape((n, k)), device=DEV)) / (2 * math.sqrt(k))
-    return w, s
-
-
 def nan(*shape: int, dtype=BF) -> torch.Tensor:
     return torch.full(shape, float("nan"), device=DEV, dtype=dtype)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: float) -> None:
-    a, e = actual.float().cpu(), expected.float().cpu()
-    assert torch.isfinite(a).all(), f"{what}: non-finite output (unwritten element?)"
-    tol = rel * e.abs().max().item()
-    torch.testing.assert_close(a, e, rtol=rel, atol=tol, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("k", [7168, 1536, 520, 8])
