@@ -234,7 +234,7 @@ def serve(
     from tilert.engine.engine import EngineOptions
     from tilert.engine.errors import CheckpointError
     from tilert.service.auth import AuthConfigError, load_tokens
-    from tilert.service.server import Server, ServerOptions
+    from tilert.service.server import ExecutorUnsupported, Server, ServerOptions
     from tilert.service.tls import TlsConfigError, TlsFiles
 
     try:
@@ -279,6 +279,9 @@ def serve(
         raise click.UsageError(str(e)) from e
     except CheckpointError as e:
         click.echo(f"error: cannot load the model: {e}", err=True)
+        sys.exit(2)
+    except ExecutorUnsupported as e:
+        click.echo(f"error: --executor {engine_options.executor}: {e}", err=True)
         sys.exit(2)
     sys.exit(server.run())
 

@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tilert.engine.engine import Engine, EngineOptions
+from tilert.engine.executors import graph_unsupported
 from tilert.engine.loaders import load_checkpoint
 from tilert.engine.models import describe
 from tilert.engine.tokenizer import Tokenizer
@@ -37,6 +38,10 @@ from tilert_client.proto import pb
 
 log = logging.getLogger("tilert.server")
 SERVICE_NAME = "tilert.v1.TextGeneration"
+
+
+class ExecutorUnsupported(ValueError):
+    """The chosen executor cannot run this model (found before any worker starts)."""
 
 
 @dataclass
@@ -106,6 +111,10 @@ class Server:
         ckpt = load_checkpoint(engine_options.model)
         self.model = describe(ckpt.config, engine_options.max_positions or None)
         self.model.check_weights(ckpt.tensors)
+        if engine_options.executor == "graph":
+            reason = graph_unsupported(self.model, engine_options.device)
+            if reason is not None:
+                raise ExecutorUnsupported(f"{reason}; use --executor reference")
         self.tokenizer = Tokenizer(ckpt.tokenizer)
         self.checkpoint = ckpt
         self.engine = Engine(

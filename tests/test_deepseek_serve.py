@@ -77,3 +77,25 @@ def test_malformed_checkpoint_stops_the_server(fp8_v32, tmp_path):
     )
     assert r.returncode == 2, r.stderr
     assert weight_map[name] in r.stderr and "cannot load the model" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("preset", "dtype", "device", "says"),
+    [
+        ("small-deepseek-v3.2", "bf16", "cuda", "FP8 checkpoints"),
+        ("tiny-deepseek-v3.2", "fp8", "cuda", "kv_lora_rank 512"),
+        ("tiny-llama", "bf16", "cpu", "CUDA only"),
+    ],
+)
+def test_graph_executor_refusal_before_any_worker(tmp_path, preset, dtype, device, says):
+    """What the graph executor cannot run is refused from the config alone: exit 2
+    with the reason, no worker started (so no GPU is needed to see it)."""
+    folder = str(tmp_path / preset)
+    write_checkpoint(folder, make_config(preset, dtype=dtype, layers=1), seed=3)
+    cmd = [sys.executable, "-m", "tilert.service.cli", "serve", "--port", "0", "--model", folder]
+    cmd += ["--device", device, "--executor", "graph"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "--executor graph" in r.stderr and says in r.stderr, r.stderr
+    assert "use --executor reference" in r.stderr
+    assert "worker" not in r.stderr.lower()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from tilert.engine.cuda import build
+from tilert.engine.cuda.limits import FP8_BLOCK, MLA_LATENT, MLA_ROPE
 
 EPILOGUES = {"store": 0, "silu_mul": 1, "rope_kv": 2, "logits": 3}
 # struct SampleConfig in csrc/sampling.cuh, packed by sample_config(): the size
@@ -391,7 +392,6 @@ _DEEPSEEK_SIGNATURES = {
     "tilert_moe_down": [_P] * 6 + [_I] * 6 + [_P, _I],
 }
 _deepseek_ready = False
-FP8_BLOCK = 128
 
 
 def _dlib() -> ctypes.CDLL:
@@ -708,8 +708,6 @@ _MLA_SIGNATURES = {
     "tilert_indexer_topk": [_P] * 7 + [_I] * 4 + [_F, _P, _I],
 }
 _mla_ready = False
-MLA_LATENT = 512  # kv_lora_rank: csrc/mla.cuh kMlaLatent
-MLA_ROPE = 64  # qk_rope_head_dim: csrc/mla.cuh kMlaRope
 MLA_MAX_SPLITS = 256
 INDEXER_TILE = 32  # positions per indexer tile: csrc/indexer.cuh kIdxTile
 

@@ -11,7 +11,37 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+from tilert.engine.cuda.limits import FP8_BLOCK, MLA_LATENT, MLA_ROPE
+
 EXECUTORS = ("reference", "graph")
+
+
+def graph_unsupported(model: Any, device: str) -> str | None:
+    """Why the graph executor cannot run `model` on `device`, or None if it can.
+
+    Config-level checks only (no weights read), so the server can refuse
+    before it starts a worker; the kernels' bindings check every tensor again
+    when the step is built."""
+    if not str(device).startswith("cuda"):
+        return "the graph executor runs on CUDA only (--device cuda)"
+    if model.family == "llama":
+        return None
+    if model.family != "deepseek_v3":
+        return f"the graph executor has no kernels for the {model.family!r} family"
+    c = model.config
+    q = c.get("quantization_config") or {}
+    if q.get("quant_method") != "fp8" or list(q.get("weight_block_size") or []) != [FP8_BLOCK] * 2:
+        return (
+            "the graph executor runs DeepSeek FP8 checkpoints (e4m3, 128x128 block "
+            "scales, the released format); this one is not"
+        )
+    lora, rope = c.get("kv_lora_rank"), c.get("qk_rope_head_dim")
+    if (lora, rope) != (MLA_LATENT, MLA_ROPE):
+        return (
+            f"the MLA decode kernel is built for kv_lora_rank {MLA_LATENT} and "
+            f"qk_rope_head_dim {MLA_ROPE}, not {lora} and {rope}"
+        )
+    return None
 
 
 def make_executor(name: str, model: Any, tensors: Any, device: str, dtype: torch.dtype) -> Any:

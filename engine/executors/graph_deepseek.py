@@ -39,6 +39,7 @@ import torch
 
 from tilert.engine.cuda import deepseek as dk
 from tilert.engine.cuda import kernels
+from tilert.engine.executors import graph_unsupported
 from tilert.engine.models.base import Op
 from tilert.engine.ops.fp8 import QWeight
 
@@ -69,12 +70,9 @@ class DeepSeekLowering:
         self.rope = int(c["qk_rope_head_dim"])
         self.v = int(c["v_head_dim"])
         self.lora = int(c["kv_lora_rank"])
-        if self.lora != kernels.MLA_LATENT or self.rope != kernels.MLA_ROPE:
-            raise NotImplementedError(
-                f"the MLA decode kernel is built for kv_lora_rank {kernels.MLA_LATENT} and "
-                f"qk_rope_head_dim {kernels.MLA_ROPE}, not {self.lora} and {self.rope}; "
-                "use --executor reference"
-            )
+        reason = graph_unsupported(ex.model, str(ex.device))
+        if reason is not None:
+            raise NotImplementedError(f"{reason}; use --executor reference")
         dev = ex.device
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count
         self.positions = ex.model.context_length
