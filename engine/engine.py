@@ -46,7 +46,7 @@ log = logging.getLogger("tilert.engine")
 class EngineOptions:
     model: str | None = None
     device: str = "cpu"
-    executor: str = "reference"
+    executor: str = "reference"  # the server resolves "auto" before the engine starts
     dtype: str = "float32"
     max_positions: int = 0  # 0: the model's context
     max_queue: int = 16

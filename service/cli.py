@@ -51,10 +51,12 @@ def main() -> None:
 )
 @click.option(
     "--executor",
-    default="reference",
+    default="auto",
     envvar="TILERT_EXECUTOR",
     show_default=True,
-    type=click.Choice(EXECUTORS),
+    type=click.Choice(["auto", *EXECUTORS]),
+    help="auto: graph (CUDA kernels) where it can run the model (cuda, bfloat16), "
+    "else reference (PyTorch ops).",
 )
 @click.option(
     "--dtype",

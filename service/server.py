@@ -111,10 +111,14 @@ class Server:
         ckpt = load_checkpoint(engine_options.model)
         self.model = describe(ckpt.config, engine_options.max_positions or None)
         self.model.check_weights(ckpt.tensors)
-        if engine_options.executor == "graph":
-            reason = graph_unsupported(self.model, engine_options.device)
-            if reason is not None:
-                raise ExecutorUnsupported(f"{reason}; use --executor reference")
+        reason = graph_unsupported(self.model, engine_options.device)
+        if reason is None and engine_options.dtype != "bfloat16":
+            reason = f"the graph executor runs bfloat16 only, not {engine_options.dtype}"
+        if engine_options.executor == "auto":
+            engine_options.executor = "reference" if reason else "graph"
+            log.info("executor: %s%s", engine_options.executor, f" ({reason})" if reason else "")
+        elif engine_options.executor == "graph" and reason is not None:
+            raise ExecutorUnsupported(f"{reason}; use --executor reference")
         self.tokenizer = Tokenizer(ckpt.tokenizer)
         self.checkpoint = ckpt
         self.engine = Engine(

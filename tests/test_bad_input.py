@@ -61,6 +61,13 @@ def test_invalid_request(server, case):
         assert status.queue_depth == 0 and not status.busy
 
 
+def test_default_executor_on_cpu_is_reference(server):
+    """--executor auto (the default) resolves to the reference ops on a CPU."""
+    with Client(server.target) as client:
+        info = client.server_info()
+    assert info.executor == "reference" and info.device == "cpu"
+
+
 def test_prompt_plus_max_tokens_names_both_numbers(server):
     with Client(server.target) as client, pytest.raises(InvalidArgumentError) as info:
         client.generate(token_ids=[5] * 100, max_tokens=CONTEXT)
