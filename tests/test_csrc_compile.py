@@ -57,7 +57,14 @@ def test_every_cu_compiles_for_sm90a(tmp_path, monkeypatch):
 
     monkeypatch.setattr(kernels, "_lib", None)
     monkeypatch.setattr(build, "_lib", None)
-    kernels.lib()
+    lib = kernels.lib()
+    # The server's up-front check of the attention shapes follows the kernel's rule.
+    from tilert.engine.cuda.limits import attention_supported
+
+    for head_dim in range(8, 264, 8):
+        for group in range(0, 17):
+            c_rule = bool(lib.tilert_attention_supported(head_dim, group))
+            assert attention_supported(head_dim, group) == c_rule, (head_dim, group)
 
 
 def test_prebuilt_library_needs_no_compiler(tmp_path, monkeypatch):

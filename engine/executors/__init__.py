@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from tilert.engine.cuda.limits import FP8_BLOCK, MLA_LATENT, MLA_ROPE
+from tilert.engine.cuda.limits import (
+    ATTENTION_HEAD_DIMS,
+    ATTENTION_MAX_GROUP,
+    FP8_BLOCK,
+    MLA_LATENT,
+    MLA_ROPE,
+    attention_supported,
+)
 
 EXECUTORS = ("reference", "graph")
 
@@ -25,6 +32,15 @@ def graph_unsupported(model: Any, device: str) -> str | None:
     if not str(device).startswith("cuda"):
         return "the graph executor runs on CUDA only (--device cuda)"
     if model.family == "llama":
+        _, heads, head_dim = model.buffers["q"]
+        kv_heads = next(iter(model.caches.values()))[0]
+        if heads % kv_heads or not attention_supported(head_dim, heads // kv_heads):
+            dims = " or ".join(map(str, ATTENTION_HEAD_DIMS))
+            return (
+                f"the decode attention kernel takes head_dim {dims} with 1.."
+                f"{ATTENTION_MAX_GROUP} query heads per kv head, not head_dim {head_dim} "
+                f"with {heads} heads over {kv_heads}"
+            )
         return None
     if model.family != "deepseek_v3":
         return f"the graph executor has no kernels for the {model.family!r} family"
