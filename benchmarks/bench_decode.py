@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from measure import copy_bandwidth  # benchmarks/measure.py, beside this script
+from measure import copy_bandwidth, profile_by_kind, profile_launches  # beside this script
 
 from tilert.engine.checkpoint import TensorSource
 from tilert.engine.models.llama import describe
@@ -201,6 +201,8 @@ def bench_graph(model, src, args, pdl: bool):
     for _ in range(100):
         torch.cuda.current_stream().synchronize()
     ex.sync_ms = (time.perf_counter() - t0) * 10
+    # Where the device time goes, launch by launch (back to back, no PDL).
+    ex.profile = profile_launches(ex, args.context) if pdl else []
     return times, ex
 
 
@@ -337,7 +339,11 @@ def main() -> int:
                 extra = {}
                 if name == "graph":
                     times, graph_ex = bench_graph(model, src, args, pdl=True)
-                    extra = {"device_ms": graph_ex.device_ms, "empty_sync_ms": graph_ex.sync_ms}
+                    extra = {
+                        "device_ms": graph_ex.device_ms,
+                        "empty_sync_ms": graph_ex.sync_ms,
+                        "profile": graph_ex.profile,
+                    }
                 elif name == "graph-nopdl":
                     times, ex = bench_graph(model, src, args, pdl=False)
                     extra = {"device_ms": ex.device_ms, "empty_sync_ms": ex.sync_ms}
@@ -373,7 +379,8 @@ def main() -> int:
                 traceback.print_exc()
                 entry = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             res["executors"][name] = entry
-            print(f"{wl} {name}: {entry}", flush=True)
+            shown = {k: v for k, v in entry.items() if k != "profile"}
+            print(f"{wl} {name}: {shown}", flush=True)
             rows.append((wl, name, entry))
             torch.cuda.empty_cache()
         del graph_ex
@@ -395,6 +402,15 @@ def main() -> int:
             print(
                 f"{wl:<14} {name:<14} {e['tpot_median_ms']:>11.3f} {e['tpot_p99_ms']:>8.3f} "
                 f"{e['GBps']:>7.0f} {e['pct_of_floor']:>7.1f}%  {fl:.3f}"
+            )
+    for wl, name, e in rows:
+        if e.get("profile"):
+            kinds = profile_by_kind(e["profile"])
+            total = sum(t for _, _, t in kinds)
+            parts = ", ".join(f"{k} x{n} {t:.0f}" for k, n, t in kinds)
+            print(
+                f"{wl} {name} per launch kind, back to back without PDL (us): {parts}; "
+                f"sum {total:.0f} over {len(e['profile'])} launches"
             )
     print(f"repro: python3 {' '.join(sys.argv)}")
     return 0

@@ -47,7 +47,7 @@ import time
 import traceback
 
 import torch
-from measure import copy_bandwidth  # benchmarks/measure.py, beside this script
+from measure import copy_bandwidth, profile_launches  # benchmarks/measure.py, beside this
 
 from tilert.engine.checkpoint import TensorSource
 from tilert.engine.models import describe
@@ -162,36 +162,6 @@ def time_graph(cfg: dict, args, profile: bool = False) -> dict:
     if profile:
         result["profile"] = profile_launches(ex, args.context)
     return result
-
-
-def profile_launches(ex, context: int, steps: int = 10) -> list[dict]:
-    """Device time of each launch of one step: launched without PDL with an
-    event after each, all enqueued behind a sleeping kernel so that the host's
-    enqueue rate (~15 us a launch from Python) does not show in the gaps."""
-    from tilert.engine.cuda import kernels
-
-    per: list[list[float]] = [[] for _ in ex.launches]
-    stream = torch.cuda.current_stream()
-    for i in range(steps):
-        ex.length = context
-        ex._stage((11 * i + 5) % ex.model.vocab_size, kernels.sample_config())
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(ex.launches) + 1)]
-        torch.cuda._sleep(50_000_000)  # ~25 ms: longer than enqueueing the step
-        events[0].record()
-        for j, la in enumerate(ex.launches):
-            la(stream.cuda_stream, pdl=False)
-            events[j + 1].record()
-        events[-1].synchronize()
-        for j in range(len(ex.launches)):
-            per[j].append(1e3 * events[j].elapsed_time(events[j + 1]))
-    return [
-        {
-            "launch": la.name,
-            "ops": [op.name for op in la.ops],
-            "us": statistics.median(t),
-        }
-        for la, t in zip(ex.launches, per, strict=True)
-    ]
 
 
 def time_reference(cfg: dict, args) -> dict:

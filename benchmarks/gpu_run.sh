@@ -75,6 +75,6 @@ echo
 echo "=== summary"
 printf '%s\n' "${status[@]}"
 grep -hE "passed|failed|error" "$OUT"/tests_*.log | grep -v "^E " | tail -n 4
-[ -f "$OUT/bench.log" ] && sed -n '/^NVIDIA\|^H100\|^H200\|GB\/s (read/,$p' "$OUT/bench.log" | tail -n 14
+[ -f "$OUT/bench.log" ] && sed -n '/^NVIDIA\|^H100\|^H200\|GB\/s (read/,$p' "$OUT/bench.log" | tail -n 20
 [ -f "$OUT/bench_deepseek.log" ] && sed -n "/copy bandwidth/,\$p" "$OUT/bench_deepseek.log"
 true  # the run's outcome is in the summary above, not in the last test of a listing

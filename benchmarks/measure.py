@@ -23,3 +23,41 @@ def copy_bandwidth(device: str = "cuda") -> float:
         times.append(a.elapsed_time(b) / 1e3)
     del src, dst
     return 2 * n / statistics.median(times[3:])
+
+
+def profile_launches(ex, context: int, steps: int = 10) -> list[dict]:
+    """Device time of each launch of one step: launched without PDL with an
+    event after each, all enqueued behind a sleeping kernel so that the host's
+    enqueue rate (~15 us a launch from Python) does not show in the gaps."""
+    from tilert.engine.cuda import kernels
+
+    per: list[list[float]] = [[] for _ in ex.launches]
+    stream = torch.cuda.current_stream()
+    for i in range(steps):
+        ex.length = context
+        ex._stage((11 * i + 5) % ex.model.vocab_size, kernels.sample_config())
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(ex.launches) + 1)]
+        torch.cuda._sleep(50_000_000)  # ~25 ms: longer than enqueueing the step
+        events[0].record()
+        for j, la in enumerate(ex.launches):
+            la(stream.cuda_stream, pdl=False)
+            events[j + 1].record()
+        events[-1].synchronize()
+        for j in range(len(ex.launches)):
+            per[j].append(1e3 * events[j].elapsed_time(events[j + 1]))
+    return [
+        {
+            "launch": la.name,
+            "ops": [op.name for op in la.ops],
+            "us": statistics.median(t),
+        }
+        for la, t in zip(ex.launches, per, strict=True)
+    ]
+
+
+def profile_by_kind(profile: list[dict]) -> list[tuple[str, int, float]]:
+    """(launch name, count, total us) per kind of launch, largest total first."""
+    kinds: dict[str, list[float]] = {}
+    for r in profile:
+        kinds.setdefault(r["launch"], []).append(r["us"])
+    return sorted(((k, len(v), sum(v)) for k, v in kinds.items()), key=lambda x: -x[2])
