@@ -66,6 +66,8 @@ __device__ __forceinline__ void rmsnorm_block(const NormParams& p) {
 // attention): pairs (x[2j], x[2j+1]), written de-interleaved (rotated evens,
 // then rotated odds), as the prefill ops store them. Half-split (the indexer):
 // pairs (x[j], x[j + half]). cos/sin rows are half-split tables.
+// Rounded as the ops do it in bf16 (tables cast to bf16, each product a bf16
+// tensor, then the sum), so rows written here equal rows prefill writes.
 __device__ __forceinline__ void rope_rotate(const bf16* in, bf16* out, const float* c,
                                             const float* s, int rope, int interleave, int t0,
                                             int stride) {
@@ -73,8 +75,10 @@ __device__ __forceinline__ void rope_rotate(const bf16* in, bf16* out, const flo
   for (int j = t0; j < half; j += stride) {
     const float a = __bfloat162float(in[interleave ? 2 * j : j]);
     const float b = __bfloat162float(in[interleave ? 2 * j + 1 : j + half]);
-    out[j] = __float2bfloat16(a * c[j] - b * s[j]);
-    out[j + half] = __float2bfloat16(b * c[j + half] + a * s[j + half]);
+    const float c0 = round_bf16(c[j]), s0 = round_bf16(s[j]);
+    const float c1 = round_bf16(c[j + half]), s1 = round_bf16(s[j + half]);
+    out[j] = __float2bfloat16(round_bf16(a * c0) - round_bf16(b * s0));
+    out[j + half] = __float2bfloat16(round_bf16(b * c1) + round_bf16(a * s1));
   }
 }
 

@@ -8,9 +8,9 @@
 //
 // Warp w computes S's columns [8w, 8w + 8) over all 32 heads, then owns O's
 // columns [64w, 64w + 64). The softmax between the two goes through shared
-// memory: the scores (fp32) out, the probabilities (bf16, as the reference
-// rounds them before its product with the latents) and the per-head rescale
-// factors back. On CUDA cores the same tile spent most of its time converting
+// memory: the scores (fp32) out, the probabilities (bf16, unnormalized, relative
+// to the running max; the reference rounds the normalized ones to bf16 before
+// its product with the latents) and the per-head rescale factors back. On CUDA cores the same tile spent most of its time converting
 // bf16 to fp32 and reloading q; here the products are a few hundred mma each.
 #pragma once
 

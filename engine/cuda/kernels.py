@@ -835,8 +835,10 @@ def indexer_topk(
     order; with length <= K, sel[:length] = 0..length-1 and the rest is untouched
     (mla_decode reads only min(length, K) entries).
 
-    q [Hi, D] bf16 (roped); keys [positions, D] bf16; weights [Hi] fp32 (already
-    times Hi^-0.5); length device int32 [1]; scale defaults to D^-0.5.
+    q [Hi, D] bf16 (roped); keys [positions, D] bf16; weights [Hi] fp32, times
+    Hi^-0.5 either in the weights or in `scale` (relu commutes with a positive
+    factor; the graph executor passes D^-0.5 Hi^-0.5 here); length device int32
+    [1]; scale defaults to D^-0.5.
     D a multiple of 8 up to 256, Hi up to 128."""
     dev = q.device
     heads, dim = q.shape

@@ -1,6 +1,6 @@
 """DeepSeek-V3 / V3.2 decode lowered to CUDA tile kernels for the graph executor.
 
-One layer (MoE, V3.2) becomes 12 launches (13 kernels):
+One layer (MoE, V3.2) becomes 11 launches (12 kernels):
 
   fp8_gemv_multi  attn_norm as prologue (h written once),  attn_norm, q_a, kv_a,
                   then h -> q_a | kv | index key           indexer.wk

@@ -148,6 +148,10 @@ def test_mla_prep(heads, iheads, idim, interleave):
         rope_c[pos], rot(kv[lora:].double().view(1, 1, rope), c, s)[0, 0], "rope key", BF_REL
     )
     assert_close(q_rope, rot(q[:, nope:].double()[None], c, s)[0], "q rope", BF_REL)
+    # Rounded as the bf16 reference ops round (what prefill writes): bit for bit.
+    cb, sb = cos[pos : pos + 1].to(BF), sin[pos : pos + 1].to(BF)
+    assert torch.equal(q_rope, rot(q[:, nope:][None], cb, sb)[0]), "q rope != bf16 ops"
+    assert torch.equal(rope_c[pos], rot(kv[lora:].view(1, 1, rope), cb, sb)[0, 0]), "rope key"
     k = F.layer_norm(ik.double(), (idim,), nw.double(), nb.double(), 1e-6).to(BF).double()
     k_ref = torch.cat([apply_rope(k[None, None, :rope], c, s)[0, 0], k[rope:]])
     assert_close(idx_c[pos], k_ref, "index key", BF_REL)
