@@ -74,7 +74,13 @@ done
 echo
 echo "=== summary"
 printf '%s\n' "${status[@]}"
-grep -hE "passed|failed|error" "$OUT"/tests_*.log | grep -v "^E " | tail -n 4
+for f in "$OUT"/tests_*.log; do
+  [ -f "$f" ] || continue
+  echo "$(basename "$f" .log): $(grep -hE "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$f" | tail -n 1)"
+  grep -hE "^(FAILED|ERROR) " "$f" | head -n 10
+done
 [ -f "$OUT/bench.log" ] && sed -n '/^NVIDIA\|^H100\|^H200\|GB\/s (read/,$p' "$OUT/bench.log" | tail -n 20
 [ -f "$OUT/bench_deepseek.log" ] && sed -n "/copy bandwidth/,\$p" "$OUT/bench_deepseek.log"
+# A device run returns at most 8 files: the logs travel as one archive.
+(cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tgz ./*.log && rm -f ./*.log)
 true  # the run's outcome is in the summary above, not in the last test of a listing
