@@ -63,6 +63,60 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(t);
 }
 
+// Warp argmax of (v, idx); the lower index wins ties, like torch.argmax. All lanes get it.
+__device__ __forceinline__ void warp_argmax(float& v, int& idx) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (ov > v || (ov == v && oi < idx)) {
+      v = ov;
+      idx = oi;
+    }
+  }
+}
+
+// Block argmax of (v, idx) in place; `sv` / `si` hold one entry per warp. All threads get it.
+__device__ __forceinline__ void block_argmax(float& v, int& idx, float* sv, int* si) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;  // blocks of whole warps
+  warp_argmax(v, idx);
+  __syncthreads();  // sv / si may still be read by a previous call
+  if (lane == 0) {
+    sv[warp] = v;
+    si[warp] = idx;
+  }
+  __syncthreads();
+  v = lane < warps ? sv[lane] : -INFINITY;
+  idx = lane < warps ? si[lane] : 0x7fffffff;
+  warp_argmax(v, idx);
+}
+
+// Order-preserving map of a float onto uint32: a > b as floats iff key(a) > key(b)
+// (so selections can bisect or radix-sort on integers).
+__device__ __forceinline__ uint32_t float_key(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The GEMV tiles' partial dot products of one row pair: lane 0 of the warp
+// stores the warp's sums into acc[0..1], or adds them when the row is split
+// along K over several warps.
+__device__ __forceinline__ void store_pair_partial(float* acc, float a0, float a1, int ksplit,
+                                                   int lane) {
+  a0 = warp_sum(a0);
+  a1 = warp_sum(a1);
+  if (lane == 0) {
+    if (ksplit == 1) {
+      acc[0] = a0;
+      acc[1] = a1;
+    } else {
+      atomicAdd(&acc[0], a0);
+      atomicAdd(&acc[1], a1);
+    }
+  }
+}
+
 // Eight bf16 packed in 16 bytes, dotted in fp32.
 __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
   const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);

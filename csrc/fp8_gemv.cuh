@@ -239,17 +239,7 @@ __device__ __forceinline__ void fp8_gemv_tile(const Fp8GemvParams& p, int tile, 
     float a0 = 0.f, a1 = 0.f;
     fp8_dot2<XT>(fp8_row(p.w, p.scale, fp8_weight_row(p, r0), p.k),
                  fp8_row(p.w, p.scale, fp8_weight_row(p, r1), p.k), xs, vbeg, vend, lane, a0, a1);
-    a0 = warp_sum(a0);
-    a1 = warp_sum(a1);
-    if (lane == 0) {
-      if (p.ksplit == 1) {
-        acc[2 * j] = a0;
-        acc[2 * j + 1] = a1;
-      } else {
-        atomicAdd(&acc[2 * j], a0);
-        atomicAdd(&acc[2 * j + 1], a1);
-      }
-    }
+    store_pair_partial(acc + 2 * j, a0, a1, p.ksplit, lane);
   }
   __syncthreads();
 

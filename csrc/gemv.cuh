@@ -148,34 +148,6 @@ __device__ __forceinline__ void gemv_epilogue_rope(const GemvParams& p, int pair
   dst[i + half] = __float2bfloat16(y1);
 }
 
-// Block argmax; lower index wins ties, like torch.argmax.
-__device__ __forceinline__ void block_argmax(float v, int idx, float* scratch, float& bv, int& bi) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int warps = blockDim.x / kWarp;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-    if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
-  }
-  __syncthreads();
-  if (lane == 0) {
-    scratch[warp] = v;
-    reinterpret_cast<int*>(scratch)[kWarp + warp] = idx;
-  }
-  __syncthreads();
-  v = lane < warps ? scratch[lane] : -INFINITY;
-  idx = lane < warps ? reinterpret_cast<int*>(scratch)[kWarp + lane] : 0x7fffffff;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-    if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
-  }
-  bv = v;
-  bi = idx;
-}
-
 // One tile of the GEMV. Shared memory: staged input, per-pair accumulators, scratch.
 __device__ __forceinline__ void gemv_tile(const GemvParams& p, int tile, char* smem) {
   bf16* xs = reinterpret_cast<bf16*>(smem);
@@ -220,17 +192,7 @@ __device__ __forceinline__ void gemv_tile(const GemvParams& p, int tile, char* s
     const uint4* w1 = reinterpret_cast<const uint4*>(p.w + (size_t)(r1 < 0 ? r0 : r1) * p.k);
     float a0 = 0.f, a1 = 0.f;
     gemv_dot2(w0, w1, xs4, part * chunk, min(nvec, (part + 1) * chunk), lane, a0, a1);
-    a0 = warp_sum(a0);
-    a1 = warp_sum(a1);
-    if (lane == 0) {
-      if (p.ksplit == 1) {
-        acc[2 * j] = a0;
-        acc[2 * j + 1] = a1;
-      } else {
-        atomicAdd(&acc[2 * j], a0);
-        atomicAdd(&acc[2 * j + 1], a1);
-      }
-    }
+    store_pair_partial(acc + 2 * j, a0, a1, p.ksplit, lane);
   }
   __syncthreads();
 
@@ -291,7 +253,7 @@ __device__ __forceinline__ void gemv_tile(const GemvParams& p, int tile, char* s
           if (a1 > bv) { bv = a1; bi = r1; }
         }
       }
-      block_argmax(bv, bi, scratch, bv, bi);
+      block_argmax(bv, bi, scratch, reinterpret_cast<int*>(scratch) + kWarp);
       if (threadIdx.x == 0) {
         p.part_max[tile] = bv;
         p.part_idx[tile] = bi;

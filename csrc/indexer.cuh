@@ -40,12 +40,6 @@ __host__ __device__ constexpr int indexer_smem_bytes(int heads, int dim) {
   return heads * dim * 4 + kIdxTile * (dim + 8) * 2;
 }
 
-// Monotone map float -> uint32: a > b as floats iff key(a) > key(b).
-__device__ __forceinline__ uint32_t float_key(float f) {
-  const uint32_t u = __float_as_uint(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
 __device__ __forceinline__ void indexer_scores(const IndexerParams& p, int len, char* smem) {
   float* s_q = reinterpret_cast<float*>(smem);                    // [heads][dim]
   bf16* s_k = reinterpret_cast<bf16*>(s_q + p.heads * p.dim);     // [tile][dim + 8]

@@ -37,19 +37,6 @@ struct RouterParams {
 constexpr int kRouterThreads = 256;
 constexpr int kRouterRegs = 8;  // 16-byte vectors a lane holds before the wait
 
-// Warp argmax; the lower index wins ties.
-__device__ __forceinline__ void warp_argmax(float& v, int& i) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-    if (ov > v || (ov == v && oi < i)) {
-      v = ov;
-      i = oi;
-    }
-  }
-}
-
 template <typename WT>
 __device__ __forceinline__ float router_dot(const uint4& w, const bf16* x, int v);
 

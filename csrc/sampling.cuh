@@ -49,33 +49,6 @@ __device__ __forceinline__ uint4 philox4x32(uint4 c, uint2 k) {
   return c;
 }
 
-// Order-preserving map of a float onto uint32 (so bisection can run on integers).
-__device__ __forceinline__ unsigned float_key(float f) {
-  const unsigned b = __float_as_uint(f);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-__device__ __forceinline__ void block_argmax_pair(float& v, int& idx, float* sv, int* si) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-    if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
-  }
-  __syncthreads();
-  if (lane == 0) { sv[warp] = v; si[warp] = idx; }
-  __syncthreads();
-  v = lane < (int)(blockDim.x / kWarp) ? sv[lane] : -INFINITY;
-  idx = lane < (int)(blockDim.x / kWarp) ? si[lane] : 0x7fffffff;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-    if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
-  }
-}
-
 // One block does the whole selection (a single tile: it reads the vocabulary a
 // few dozen times from L2 when truncating, once when greedy).
 __device__ __forceinline__ void sample_tile(const SampleParams& p) {
@@ -92,7 +65,7 @@ __device__ __forceinline__ void sample_tile(const SampleParams& p) {
     const int j = p.part_idx[i];
     if (v > best || (v == best && j < arg)) { best = v; arg = j; }
   }
-  block_argmax_pair(best, arg, sv, si);
+  block_argmax(best, arg, sv, si);
 
   if (cfg.temperature > 0.f) {
     const float mx = best, inv_t = 1.f / cfg.temperature;
@@ -149,7 +122,7 @@ __device__ __forceinline__ void sample_tile(const SampleParams& p) {
       const float g = v - __logf(-__logf(u));
       if (g > best) { best = g; arg = i; }
     }
-    block_argmax_pair(best, arg, sv, si);
+    block_argmax(best, arg, sv, si);
   }
   if (threadIdx.x == 0) {
     *p.token_dev = arg;
