@@ -111,9 +111,7 @@ class Server:
         ckpt = load_checkpoint(engine_options.model)
         self.model = describe(ckpt.config, engine_options.max_positions or None)
         self.model.check_weights(ckpt.tensors)
-        reason = graph_unsupported(self.model, engine_options.device)
-        if reason is None and engine_options.dtype != "bfloat16":
-            reason = f"the graph executor runs bfloat16 only, not {engine_options.dtype}"
+        reason = graph_unsupported(self.model, engine_options.device, engine_options.dtype)
         if engine_options.executor == "auto":
             engine_options.executor = "reference" if reason else "graph"
             log.info("executor: %s%s", engine_options.executor, f" ({reason})" if reason else "")

@@ -24,7 +24,9 @@ EPILOGUES = {"store": 0, "silu_mul": 1, "rope_kv": 2, "logits": 3}
 # and every field's offset are checked against the library at load.
 SAMPLE_CONFIG = struct.Struct("<fiffQQ")  # temperature, top_k, top_p, min_p, seed, step
 SAMPLE_CONFIG_BYTES = SAMPLE_CONFIG.size
-SAMPLE_CONFIG_OFFSETS = (0, 4, 8, 12, 16, 24)
+SAMPLE_CONFIG_OFFSETS = tuple(
+    struct.calcsize(SAMPLE_CONFIG.format[: 1 + i]) for i in range(len(SAMPLE_CONFIG.format) - 1)
+)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int

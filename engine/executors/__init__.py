@@ -23,14 +23,16 @@ from tilert.engine.cuda.limits import (
 EXECUTORS = ("reference", "graph")
 
 
-def graph_unsupported(model: Any, device: str) -> str | None:
-    """Why the graph executor cannot run `model` on `device`, or None if it can.
+def graph_unsupported(model: Any, device: str, dtype: str = "bfloat16") -> str | None:
+    """Why the graph executor cannot run `model` on `device` in `dtype`, or None if it can.
 
     Config-level checks only (no weights read), so the server can refuse
     before it starts a worker; the kernels' bindings check every tensor again
     when the step is built."""
     if not str(device).startswith("cuda"):
         return "the graph executor runs on CUDA only (--device cuda)"
+    if dtype not in ("bfloat16", "torch.bfloat16"):
+        return f"the graph executor runs bfloat16 only, not {dtype}"
     if model.family == "llama":
         _, heads, head_dim = model.buffers["q"]
         kv_heads = next(iter(model.caches.values()))[0]

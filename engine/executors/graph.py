@@ -34,6 +34,7 @@ import torch
 
 from tilert.engine.checkpoint import TensorSource
 from tilert.engine.cuda import kernels
+from tilert.engine.executors import graph_unsupported
 from tilert.engine.executors.reference import ReferenceExecutor
 from tilert.engine.models.base import ModelDescription, Op
 from tilert.engine.sampling import SamplingParams
@@ -56,12 +57,11 @@ class GraphExecutor:
         pdl: bool = True,
     ) -> None:
         self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ValueError("the graph executor needs a CUDA device (--device cuda)")
-        if dtype != torch.bfloat16:
-            raise ValueError(f"the graph executor runs bfloat16 only, not {dtype}")
-        if model.family not in ("llama", "deepseek_v3"):
-            raise NotImplementedError(f"the graph executor has no kernels for {model.family!r} yet")
+        # The same check the server makes before starting a worker, here before
+        # any weight is loaded onto the GPU.
+        reason = graph_unsupported(model, str(self.device), str(dtype))
+        if reason is not None:
+            raise NotImplementedError(f"{reason}; use --executor reference")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.model = model

@@ -39,7 +39,6 @@ import torch
 
 from tilert.engine.cuda import deepseek as dk
 from tilert.engine.cuda import kernels
-from tilert.engine.executors import graph_unsupported
 from tilert.engine.models.base import Op
 from tilert.engine.ops.fp8 import QWeight
 
@@ -69,10 +68,7 @@ class DeepSeekLowering:
         self.nope = int(c["qk_nope_head_dim"])
         self.rope = int(c["qk_rope_head_dim"])
         self.v = int(c["v_head_dim"])
-        self.lora = int(c["kv_lora_rank"])
-        reason = graph_unsupported(ex.model, str(ex.device))
-        if reason is not None:
-            raise NotImplementedError(f"{reason}; use --executor reference")
+        self.lora = int(c["kv_lora_rank"])  # GraphExecutor checked it: graph_unsupported
         dev = ex.device
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count
         self.positions = ex.model.context_length
