@@ -43,41 +43,10 @@ from measure import copy_bandwidth, profile_by_kind, profile_launches  # beside 
 
 from tilert.engine.checkpoint import TensorSource
 from tilert.engine.models.llama import describe
+from tilert.engine.tools.make_checkpoint import make_config
 
-WORKLOADS = {
-    "llama-3.2-1b": {
-        "model_type": "llama",
-        "hidden_size": 2048,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "intermediate_size": 8192,
-        "vocab_size": 128256,
-        "tie_word_embeddings": True,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "head_dim": 64,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    },
-    "smollm2-135m": {
-        "model_type": "llama",
-        "hidden_size": 576,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "intermediate_size": 1536,
-        "vocab_size": 49152,
-        "tie_word_embeddings": True,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0,
-    },
-}
+# The real geometries, from the checkpoint presets (tilert make-checkpoint).
+WORKLOADS = {name: make_config(name) for name in ("llama-3.2-1b", "smollm2-135m")}
 
 
 def random_source(cfg: dict, device: str) -> tuple[TensorSource, dict]:

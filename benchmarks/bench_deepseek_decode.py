@@ -100,7 +100,8 @@ def random_source(cfg: dict) -> TensorSource:
 def layer_bytes(cfg: dict, layer: int, context: int) -> int:
     """Bytes one decode step reads in `layer`: weights (routed experts: the top_k
     chosen, not all) and the cache rows attended."""
-    shapes = describe(cfg).weight_shapes
+    model = describe(cfg)
+    shapes = model.weight_shapes
     pre = f"model.layers.{layer}."
     top_k, experts = cfg["num_experts_per_tok"], cfg["n_routed_experts"]
     total = 0
@@ -108,7 +109,7 @@ def layer_bytes(cfg: dict, layer: int, context: int) -> int:
         if not name.startswith(pre):
             continue
         n = math.prod(shape)
-        if name.endswith(SCALE_SUFFIX) or name.endswith(describe(cfg).float32_weights):
+        if name.endswith(SCALE_SUFFIX) or name.endswith(model.float32_weights):
             b = 4 * n
         elif name + SCALE_SUFFIX in shapes:
             b = n
