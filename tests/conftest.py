@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -152,10 +153,10 @@ class ServerProcess:
         self._dir.cleanup()
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[ServerProcess]:
-    """One shared server on the embedded model (most tests only read from it)."""
-    s = ServerProcess("--max-queue", "2", "--stall-timeout", "30")
+@contextlib.contextmanager
+def running(s: ServerProcess) -> Iterator[ServerProcess]:
+    """Waits until `s` is ready, yields it, then stops it: SIGTERM must end it
+    with exit code 0 and leave no shared-memory segment behind."""
     try:
         s.wait_ready()
         yield s
@@ -165,3 +166,10 @@ def server() -> Iterator[ServerProcess]:
         s.cleanup()
         assert code == 0, "server did not exit cleanly on SIGTERM"
         assert not leftovers, f"shared memory left behind: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    """One shared server on the embedded model (most tests only read from it)."""
+    with running(ServerProcess("--max-queue", "2", "--stall-timeout", "30")) as s:
+        yield s

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ServerProcess, shm_segments
+from tests.conftest import ServerProcess, running
 from tilert.engine.executors.reference import ReferenceExecutor
 from tilert.engine.loaders import load_checkpoint
 from tilert.engine.models import describe
@@ -38,8 +38,7 @@ def test_served_deepseek_matches_the_reference(fp8_v32):
         want.append(int(ex.decode(want[-1]).argmax()))
 
     s = ServerProcess("--model", folder)
-    try:
-        s.wait_ready()
+    with running(s):
         with Client(s.target) as client:
             info = client.model_info()
             got = client.generate(
@@ -53,10 +52,6 @@ def test_served_deepseek_matches_the_reference(fp8_v32):
         assert info.family == "deepseek_v3" and info.has_chat_template
         assert list(got.token_ids) == want, f"seed {seed}"
         assert text.usage.completion_tokens == 4
-    finally:
-        code = s.stop()
-        s.cleanup()
-    assert code == 0 and not shm_segments(s.pid)
 
 
 def test_malformed_checkpoint_stops_the_server(fp8_v32, tmp_path):

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ServerProcess, shm_segments, wait_for
+from tests.conftest import ServerProcess, running, wait_for
 from tilert_client import Client, InvalidArgumentError, TokenChunk
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -54,16 +54,8 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def observed():
-    s = MetricsServer()
-    try:
-        s.wait_ready()
+    with running(MetricsServer()) as s:
         yield s
-    finally:
-        code = s.stop()
-        leftovers = shm_segments(s.pid)
-        s.cleanup()
-        assert code == 0
-        assert not leftovers
 
 
 def test_counts_after_known_requests(observed):

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tests.conftest import ServerProcess, shm_segments
+from tests.conftest import ServerProcess, running
 from tilert.service.auth import AuthConfigError, TokenAuthInterceptor, load_tokens, token_matches
 from tilert.service.tls import TlsConfigError, TlsFiles, server_credentials
 from tilert_client import (
@@ -164,15 +164,8 @@ def secure(pki):
         "65536",
         env={"TILERT_AUTH_TOKENS": TOKEN_IN_ENV},
     )
-    try:
-        s.wait_ready()
+    with running(s):
         yield s
-    finally:
-        code = s.stop()
-        leftovers = shm_segments(s.pid)
-        s.cleanup()
-        assert code == 0
-        assert not leftovers
 
 
 def _client(s: ServerProcess, pki: Pki, token: str | None = TOKEN_IN_FILE, **kw) -> Client:

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from tests.conftest import ServerProcess, shm_segments
+from tests.conftest import ServerProcess, running
 from tilert.engine.executors import make_executor
 from tilert.engine.loaders import load_checkpoint
 from tilert.engine.models import describe
@@ -43,8 +43,7 @@ def test_served_greedy_tokens_on_gpu(tmp_path, preset, dtype, executor):
     torch.cuda.empty_cache()
 
     s = ServerProcess("--model", folder, "--device", "cuda", "--executor", executor)
-    try:
-        s.wait_ready()
+    with running(s):
         with Client(s.target) as client:
             got = client.generate(
                 token_ids=prompt,
@@ -56,7 +55,3 @@ def test_served_greedy_tokens_on_gpu(tmp_path, preset, dtype, executor):
             info = client.server_info()
         assert info.device == "cuda" and info.executor == executor
         assert list(got.token_ids) == want, f"seed {seed}"
-    finally:
-        code = s.stop()
-        s.cleanup()
-    assert code == 0 and not shm_segments(s.pid)
