@@ -29,6 +29,24 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without a register round trip (L1 bypassed); when
+// `valid` is false nothing is read and the 16 bytes are zero-filled.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Returns once at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 // PDL: a kernel launched with programmatic stream serialization may start while
 // the previous one drains. Everything before pdl_wait() may only touch data that
 // no earlier kernel of the step writes (weights, tables); pdl_wait() returns once
@@ -100,21 +118,26 @@ __device__ __forceinline__ uint32_t float_key(float f) {
 }
 
 // The GEMV tiles' partial dot products of one row pair: lane 0 of the warp
-// stores the warp's sums into acc[0..1], or adds them when the row is split
-// along K over several warps.
-__device__ __forceinline__ void store_pair_partial(float* acc, float a0, float a1, int ksplit,
-                                                   int lane) {
+// stores the warp's sums into acc[0..1], a slot of its own per pair and K part
+// (acc[2 * (pair * ksplit + part)]): parts are then summed in part order, not
+// in the order the warps arrive, so a replay gives the same bits.
+__device__ __forceinline__ void store_pair_partial(float* acc, float a0, float a1, int lane) {
   a0 = warp_sum(a0);
   a1 = warp_sum(a1);
   if (lane == 0) {
-    if (ksplit == 1) {
-      acc[0] = a0;
-      acc[1] = a1;
-    } else {
-      atomicAdd(&acc[0], a0);
-      atomicAdd(&acc[1], a1);
-    }
+    acc[0] = a0;
+    acc[1] = a1;
   }
+}
+
+// Pair j's two dot products: its K parts from store_pair_partial, in order.
+__device__ __forceinline__ float2 sum_pair_partials(const float* acc, int j, int ksplit) {
+  float2 s = make_float2(acc[2 * j * ksplit], acc[2 * j * ksplit + 1]);
+  for (int part = 1; part < ksplit; ++part) {
+    s.x += acc[2 * (j * ksplit + part)];
+    s.y += acc[2 * (j * ksplit + part) + 1];
+  }
+  return s;
 }
 
 // Eight bf16 packed in 16 bytes, dotted in fp32.

@@ -18,14 +18,14 @@ __global__ void __launch_bounds__(kFp8GemvThreads)
 
 template <typename XT>
 int launch_fp8_gemv(Fp8GemvMulti& m, void* stream, int pdl) {
-  int tiles = 0, ppt = 1;
+  int tiles = 0, items = 1;
   for (int s = 0; s < m.count; ++s) {
     const Fp8GemvParams& p = m.seg[s];
     tiles += (p.pairs + p.pairs_per_tile - 1) / p.pairs_per_tile;
     m.tile_end[s] = tiles;
-    ppt = max(ppt, p.pairs_per_tile);
+    items = max(items, p.pairs_per_tile * p.ksplit);
   }
-  const int smem = fp8_gemv_smem_bytes(m.seg[0].k, sizeof(XT), ppt);
+  const int smem = fp8_gemv_smem_bytes(m.seg[0].k, sizeof(XT), items);
   // The opt-in covers dynamic + static shared memory past 48 KiB; the norm
   // prologue's scratch is static, so leave room for it.
   if (smem > 47 * 1024) {

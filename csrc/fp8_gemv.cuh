@@ -166,8 +166,9 @@ struct Fp8GemvMulti {
   int tile_end[kFp8MaxSegments];
 };
 
-__host__ __device__ __forceinline__ int fp8_gemv_smem_bytes(int k, int x_bytes, int pairs_per_tile) {
-  return ((k * x_bytes + 15) / 16) * 16 + 2 * pairs_per_tile * 4;
+// `items`: pairs per tile times K parts (one partial slot each).
+__host__ __device__ __forceinline__ int fp8_gemv_smem_bytes(int k, int x_bytes, int items) {
+  return ((k * x_bytes + 15) / 16) * 16 + 2 * items * 4;
 }
 
 __device__ __forceinline__ void fp8_store(const Fp8GemvParams& p, int r, float acc) {
@@ -225,7 +226,6 @@ __device__ __forceinline__ void fp8_gemv_tile(const Fp8GemvParams& p, int tile, 
 
   const char* x = static_cast<const char*>(p.x);
   if (p.group_rows) x += (size_t)(2 * first / p.group_rows) * p.k * sizeof(XT);
-  for (int j = threadIdx.x; j < 2 * count; j += blockDim.x) acc[j] = 0.f;
   fp8_stage_input<XT>(x, p.k, xs);
   __syncthreads();
   if constexpr (sizeof(XT) == 2) {
@@ -239,14 +239,15 @@ __device__ __forceinline__ void fp8_gemv_tile(const Fp8GemvParams& p, int tile, 
     float a0 = 0.f, a1 = 0.f;
     fp8_dot2<XT>(fp8_row(p.w, p.scale, fp8_weight_row(p, r0), p.k),
                  fp8_row(p.w, p.scale, fp8_weight_row(p, r1), p.k), xs, vbeg, vend, lane, a0, a1);
-    store_pair_partial(acc + 2 * j, a0, a1, p.ksplit, lane);
+    store_pair_partial(acc + 2 * it, a0, a1, lane);  // it = j * ksplit + part
   }
   __syncthreads();
 
   for (int j = threadIdx.x; j < count; j += blockDim.x) {
     const int r0 = 2 * (first + j);
-    fp8_store(p, r0, acc[2 * j]);
-    if (r0 + 1 < p.n) fp8_store(p, r0 + 1, acc[2 * j + 1]);
+    const float2 a = sum_pair_partials(acc, j, p.ksplit);
+    fp8_store(p, r0, a.x);
+    if (r0 + 1 < p.n) fp8_store(p, r0 + 1, a.y);
   }
 }
 

@@ -6,11 +6,9 @@
 
 namespace tilert {
 
-constexpr int kGemvThreads = 256;
-
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constant__ GemvParams p) {
   extern __shared__ __align__(16) char smem[];
-  gemv_tile(p, blockIdx.x, smem);
+  gemv_block(p, smem);
 }
 
 __global__ void embed_kernel(const bf16* table, const int* ids, bf16* x, int hidden) {
@@ -32,7 +30,7 @@ int tilert_gemv(const void* w, const void* x, const void* norm_w, const void* bi
                 const int* pos, void* k_cache, void* v_cache, const void* q_norm,
                 const void* k_norm, float* part_max, int* part_idx, int n, int k, int epilogue,
                 int pairs, int pairs_per_tile, int ksplit, int inter, int heads, int kv_heads,
-                int head_dim, float eps, void* stream, int pdl) {
+                int head_dim, float eps, int blocks, void* stream, int pdl) {
   GemvParams p = {};
   p.w = static_cast<const bf16*>(w);
   p.x = static_cast<const bf16*>(x);
@@ -60,19 +58,24 @@ int tilert_gemv(const void* w, const void* x, const void* norm_w, const void* bi
   p.kv_heads = kv_heads;
   p.head_dim = head_dim;
   p.eps = eps;
+  // Blocks walk the tiles (the host passes about one per SM).
   const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;
-  const int smem = gemv_smem_bytes(k, pairs_per_tile);
+  if (blocks < 1) return static_cast<int>(cudaErrorInvalidValue);
+  if (blocks > tiles) blocks = tiles;
+  p.late_trigger = gemv_late_trigger(k, pairs, pairs_per_tile, blocks);
+  auto kernel = gemv_kernel;
+  const int smem = gemv_smem_bytes(k, pairs_per_tile, ksplit);
   if (smem > 48 * 1024) {
     const cudaError_t e =
-        cudaFuncSetAttribute(gemv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return static_cast<int>(e);
   }
-  return launch(gemv_kernel, dim3(tiles), dim3(kGemvThreads), smem, stream, pdl, p);
+  return launch_co_resident(kernel, dim3(blocks), dim3(kGemvThreads), smem, stream, pdl, p);
 }
 
 int tilert_embed(const void* table, const int* ids, void* x, int hidden, void* stream, int pdl) {
-  return launch(embed_kernel, dim3(1), dim3(256), 0, stream, pdl, static_cast<const bf16*>(table),
-                ids, static_cast<bf16*>(x), hidden);
+  return launch_co_resident(embed_kernel, dim3(1), dim3(256), 0, stream, pdl,
+                            static_cast<const bf16*>(table), ids, static_cast<bf16*>(x), hidden);
 }
 
 int tilert_gemv_tiles(int pairs, int pairs_per_tile) {

@@ -6,6 +6,14 @@
 // row j, RoPE pairs dimension i of a head with dimension i + D/2, and the plain
 // store pairs neighbours. Each pair may be cut along K into `ksplit` parts so that
 // a long row (K = 8192) is read by several warps at once.
+//
+// A block walks tiles blockIdx.x, + gridDim.x, ... (the grid is at most one block
+// per SM), so the norm prologue runs once per block, not once per tile, and the
+// weights stream without a gap between tiles: every lane keeps kGemvStages steps
+// of its own weight vectors in flight through cp.async into shared memory, and
+// issues the first of them before griddepcontrol.wait, while the previous kernel
+// still runs. A small GEMV (o_proj, qkv) is mostly in shared memory by the time
+// its input is ready.
 #pragma once
 
 #include "common.cuh"
@@ -41,6 +49,9 @@ struct GemvParams {
   int inter;
   int heads, kv_heads, head_dim;
   float eps;
+  // When the next kernel may launch: 0 as soon as this block's ring is filled,
+  // 1 once its weights are all read (gemv_late_trigger).
+  int late_trigger;
 };
 
 __device__ __forceinline__ void gemv_pair_rows(const GemvParams& p, int pair, int& r0, int& r1) {
@@ -57,8 +68,29 @@ __device__ __forceinline__ void gemv_pair_rows(const GemvParams& p, int pair, in
   }
 }
 
-__host__ __device__ __forceinline__ int gemv_smem_bytes(int k, int pairs_per_tile) {
-  return ((k * 2 + 15) / 16) * 16 + (2 * pairs_per_tile + 2 * kWarp) * 4;
+constexpr int kGemvThreads = 256;
+// Per-lane ring depth, in steps of two 16-byte vectors (one of each row of a
+// pair): 8 steps are 64 KB a block, so the next kernel's block fits beside it.
+constexpr int kGemvStages = 8;
+constexpr int kGemvRingBytes = kGemvStages * 2 * 16 * kGemvThreads;
+
+__host__ __device__ __forceinline__ int gemv_smem_bytes(int k, int pairs_per_tile, int ksplit) {
+  return kGemvRingBytes + ((k * 2 + 15) / 16) * 16 + (2 * pairs_per_tile * ksplit + 2 * kWarp) * 4;
+}
+
+// When the next kernel may launch. Launched early, its blocks fill their rings
+// while this GEMV still streams, and the kernels after it join as soon as
+// shared memory allows; for a GEMV of many MB that run-ahead queues prefetches
+// in front of its own reads and of the latency-bound kernels that follow.
+// Measured on the Llama-3.2-1B step (benchmarks/NOTES.md): every GEMV early
+// 1.40 ms, late past one ring a block 1.24, late past four rings (gate_up and
+// the LM head) 1.21; SmolLM2, whose GEMVs all fit a ring, 0.66 either way.
+__host__ __device__ __forceinline__ int gemv_late_trigger(int k, int pairs, int pairs_per_tile,
+                                                          int blocks) {
+  const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;
+  const long long per_block =
+      (long long)((tiles + blocks - 1) / blocks) * pairs_per_tile * 2 * k * 2;
+  return per_block > 4 * kGemvRingBytes;
 }
 
 // Writes the (normalized) input into shared memory as bf16, rounded the way the
@@ -93,34 +125,6 @@ __device__ __forceinline__ void gemv_stage_input(const GemvParams& p, bf16* xs, 
   }
 }
 
-// Two rows dotted with the staged input over vectors [vbeg, vend) of 8 elements.
-// Four iterations of both rows are loaded before the first use so that each lane
-// keeps eight 16-byte requests in flight: batch-1 GEMV is bound by how many bytes
-// are in flight, not by arithmetic.
-__device__ __forceinline__ void gemv_dot2(const uint4* w0, const uint4* w1, const uint4* xs4,
-                                          int vbeg, int vend, int lane, float& a0, float& a1) {
-  int v = vbeg + lane;
-  for (; v + 3 * kWarp < vend; v += 4 * kWarp) {
-    uint4 p[4], q[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      p[u] = ld_weight(w0 + v + u * kWarp);
-      q[u] = ld_weight(w1 + v + u * kWarp);
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const uint4 xv = xs4[v + u * kWarp];
-      a0 += dot8(p[u], xv);
-      a1 += dot8(q[u], xv);
-    }
-  }
-  for (; v < vend; v += kWarp) {
-    const uint4 xv = xs4[v];
-    a0 += dot8(ld_weight(w0 + v), xv);
-    a1 += dot8(ld_weight(w1 + v), xv);
-  }
-}
-
 __device__ __forceinline__ void gemv_epilogue_store(const GemvParams& p, int r, float acc) {
   if (p.bias) acc += __bfloat162float(p.bias[r]);
   if (p.residual) acc = __bfloat162float(p.residual[r]) + round_bf16(acc);
@@ -148,59 +152,134 @@ __device__ __forceinline__ void gemv_epilogue_rope(const GemvParams& p, int pair
   dst[i + half] = __float2bfloat16(y1);
 }
 
-// One tile of the GEMV. Shared memory: staged input, per-pair accumulators, scratch.
-__device__ __forceinline__ void gemv_tile(const GemvParams& p, int tile, char* smem) {
-  bf16* xs = reinterpret_cast<bf16*>(smem);
-  float* acc = reinterpret_cast<float*>(smem + ((p.k * 2 + 15) / 16) * 16);
-  float* scratch = acc + 2 * p.pairs_per_tile;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int warps = blockDim.x / kWarp;
+// Rows and vector range [vbeg, vend) of item `it` (pair it / ksplit, K part
+// it % ksplit) of `tile`; false if the tile has no such item.
+__device__ __forceinline__ bool gemv_item(const GemvParams& p, int tile, int it, const uint4*& w0,
+                                          const uint4*& w1, int& vbeg, int& vend) {
   const int first = tile * p.pairs_per_tile;
-  const int count = min(p.pairs_per_tile, p.pairs - first);
-  const int items = count * p.ksplit;
+  if (it >= min(p.pairs_per_tile, p.pairs - first) * p.ksplit) return false;
+  int r0, r1;
+  gemv_pair_rows(p, first + it / p.ksplit, r0, r1);
+  const int nvec = p.k / 8, chunk = (nvec + p.ksplit - 1) / p.ksplit;
+  vbeg = (it % p.ksplit) * chunk;
+  vend = min(nvec, vbeg + chunk);
+  w0 = reinterpret_cast<const uint4*>(p.w + (size_t)r0 * p.k);
+  w1 = reinterpret_cast<const uint4*>(p.w + (size_t)(r1 < 0 ? r0 : r1) * p.k);
+  return true;
+}
 
-  // Weights never depend on the previous kernel: ask L2 for the head of this
-  // warp's first rows while that kernel drains. Only the head, so that a whole
-  // wave of resident blocks prefetches far less than L2 holds.
-  if (warp < items) {
-    int r0, r1;
-    gemv_pair_rows(p, first + warp / p.ksplit, r0, r1);
-    const int nvec = p.k / 8, chunk = (nvec + p.ksplit - 1) / p.ksplit;
-    const int vbeg = (warp % p.ksplit) * chunk;
-    const int bytes = min(min(chunk, nvec - vbeg) * 16, 4096);
-    const char* b0 = reinterpret_cast<const char*>(p.w + (size_t)r0 * p.k) + vbeg * 16;
-    const char* b1 = reinterpret_cast<const char*>(p.w + (size_t)(r1 < 0 ? r0 : r1) * p.k) + vbeg * 16;
-    for (int off = lane * 128; off < bytes; off += kWarp * 128) {
-      prefetch_l2(b0 + off);
-      prefetch_l2(b1 + off);
+// The loading side of a lane's weight stream. The lane's sequence is: for each
+// of the block's tiles, for each item of the warp (it = warp, + warps, ...), S
+// steps; step s holds vector vbeg + 32 s + lane of both rows. Consumption walks
+// the same sequence kGemvStages steps behind.
+struct GemvLoader {
+  int tile, it, step;
+  const uint4 *w0, *w1;
+  int vbeg, vend;
+  bool done;
+};
+
+__device__ __forceinline__ void gemv_loader_seek(const GemvParams& p, GemvLoader& L, int tiles) {
+  while (!gemv_item(p, L.tile, L.it, L.w0, L.w1, L.vbeg, L.vend)) {
+    L.tile += gridDim.x;
+    L.it = threadIdx.x / kWarp;
+    if (L.tile >= tiles) {
+      L.done = true;
+      return;
     }
   }
-  pdl_launch_dependents();
+}
+
+// Issues the next step into ring slot `slot` (zeros past the row part) and
+// commits it as one group; an exhausted stream commits an empty group so that
+// the group count stays in step with consumption.
+__device__ __forceinline__ void gemv_load_step(const GemvParams& p, GemvLoader& L, int tiles, int steps,
+                                               uint4* ring, int slot) {
+  if (!L.done) {
+    const int v = L.vbeg + L.step * kWarp + threadIdx.x % kWarp;
+    const bool ok = v < L.vend;
+    uint4* d = ring + (size_t)slot * 2 * blockDim.x + threadIdx.x;
+    cp_async16(d, L.w0 + (ok ? v : 0), ok);
+    cp_async16(d + blockDim.x, L.w1 + (ok ? v : 0), ok);
+    if (++L.step == steps) {
+      L.step = 0;
+      L.it += blockDim.x / kWarp;
+      gemv_loader_seek(p, L, tiles);
+    }
+  }
+  cp_async_commit();
+}
+
+__device__ __forceinline__ void gemv_tile_epilogue(const GemvParams& p, int tile, float* acc,
+                                                   float* scratch);
+
+// All tiles of this block. Shared memory: the lanes' weight rings, the staged
+// input, per-pair accumulators, scratch.
+__device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
+  uint4* ring = reinterpret_cast<uint4*>(smem);
+  bf16* xs = reinterpret_cast<bf16*>(smem + kGemvRingBytes);
+  float* acc = reinterpret_cast<float*>(smem + kGemvRingBytes + ((p.k * 2 + 15) / 16) * 16);
+  float* scratch = acc + 2 * p.pairs_per_tile * p.ksplit;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int warps = blockDim.x / kWarp;
+  const int tiles = (p.pairs + p.pairs_per_tile - 1) / p.pairs_per_tile;
+  const int nvec = p.k / 8, chunk = (nvec + p.ksplit - 1) / p.ksplit;
+  const int steps = (chunk + kWarp - 1) / kWarp;
+
+  // Weights never depend on the previous kernel: fill the ring before waiting.
+  GemvLoader L = {static_cast<int>(blockIdx.x), warp, 0, nullptr, nullptr, 0, 0, blockIdx.x >= tiles};
+  if (!L.done) gemv_loader_seek(p, L, tiles);
+#pragma unroll
+  for (int s = 0; s < kGemvStages; ++s) gemv_load_step(p, L, tiles, steps, ring, s);
+  if (!p.late_trigger) pdl_launch_dependents();
   pdl_wait();
 
-  for (int j = threadIdx.x; j < 2 * count; j += blockDim.x) acc[j] = 0.f;
   gemv_stage_input(p, xs, scratch);
   __syncthreads();
 
   const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
-  const int nvec = p.k / 8, chunk = (nvec + p.ksplit - 1) / p.ksplit;
-  for (int it = warp; it < items; it += warps) {
-    const int j = it / p.ksplit, part = it % p.ksplit;
-    int r0, r1;
-    gemv_pair_rows(p, first + j, r0, r1);
-    const uint4* w0 = reinterpret_cast<const uint4*>(p.w + (size_t)r0 * p.k);
-    const uint4* w1 = reinterpret_cast<const uint4*>(p.w + (size_t)(r1 < 0 ? r0 : r1) * p.k);
-    float a0 = 0.f, a1 = 0.f;
-    gemv_dot2(w0, w1, xs4, part * chunk, min(nvec, (part + 1) * chunk), lane, a0, a1);
-    store_pair_partial(acc + 2 * j, a0, a1, p.ksplit, lane);
+  unsigned c = 0;  // steps consumed by this lane
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (int it = warp;; it += warps) {
+      const uint4 *w0, *w1;
+      int vbeg, vend;
+      if (!gemv_item(p, tile, it, w0, w1, vbeg, vend)) break;
+      float a0 = 0.f, a1 = 0.f;
+      for (int s = 0; s < steps; ++s, ++c) {
+        cp_async_wait<kGemvStages - 1>();
+        const int slot = c % kGemvStages;
+        const uint4* d = ring + (size_t)slot * 2 * blockDim.x + threadIdx.x;
+        const uint4 u0 = d[0], u1 = d[blockDim.x];
+        const int v = vbeg + s * kWarp + lane;
+        if (v < vend) {
+          const uint4 xv = xs4[v];
+          a0 += dot8(u0, xv);
+          a1 += dot8(u1, xv);
+        }
+        gemv_load_step(p, L, tiles, steps, ring, slot);  // the slot's data is in registers
+      }
+      store_pair_partial(acc + 2 * it, a0, a1, lane);  // it = pair * ksplit + part
+    }
+    __syncthreads();
+    gemv_tile_epilogue(p, tile, acc, scratch);
+    __syncthreads();
   }
-  __syncthreads();
+  if (p.late_trigger) pdl_launch_dependents();
+  cp_async_wait<0>();  // nothing may be in flight into shared memory at exit
+}
 
+// The tile's epilogue, by every thread of the block: thread j finishes pair j
+// from its partials in acc.
+__device__ __forceinline__ void gemv_tile_epilogue(const GemvParams& p, int tile, float* acc,
+                                                   float* scratch) {
+  const int first = tile * p.pairs_per_tile;
+  const int count = min(p.pairs_per_tile, p.pairs - first);
   const int j = threadIdx.x;
   const bool mine = j < count;
   int r0 = 0, r1 = -1;
   if (mine) gemv_pair_rows(p, first + j, r0, r1);
-  const float a0 = mine ? acc[2 * j] : 0.f, a1 = mine ? acc[2 * j + 1] : 0.f;
+  const float2 a = mine ? sum_pair_partials(acc, j, p.ksplit) : make_float2(0.f, 0.f);
+  const float a0 = a.x, a1 = a.y;
   switch (p.epilogue) {
     case kStore:
       if (mine) {

@@ -98,7 +98,7 @@ int tilert_moe_gate_up(const uint64_t* table, const int* ids, const float* weigh
                                  shared_inter, top_k, n_experts, pairs_per_tile, ksplit, chunk, 0);
   const int slots = top_k + (shared_inter > 0 ? 1 : 0);
   const int rows = inter > shared_inter ? inter : shared_inter;
-  const int smem = moe_gate_up_smem_bytes(hidden, pairs_per_tile);
+  const int smem = moe_gate_up_smem_bytes(hidden, pairs_per_tile, ksplit);
   const int e = raise_smem(moe_gate_up_kernel, smem);
   if (e) return e;
   return launch(moe_gate_up_kernel, dim3((rows + pairs_per_tile - 1) / pairs_per_tile, slots),

@@ -212,8 +212,9 @@ __device__ __forceinline__ const float* moe_s(const MoeParams& p, int t, int e) 
   return reinterpret_cast<const float*>(p.table[(size_t)t * (p.n_experts + 1) + e]);
 }
 
-__host__ __device__ __forceinline__ int moe_gate_up_smem_bytes(int hidden, int pairs_per_tile) {
-  return ((hidden * 2 + 15) / 16) * 16 + 2 * pairs_per_tile * 4;
+__host__ __device__ __forceinline__ int moe_gate_up_smem_bytes(int hidden, int pairs_per_tile,
+                                                              int ksplit) {
+  return ((hidden * 2 + 15) / 16) * 16 + 2 * pairs_per_tile * ksplit * 4;
 }
 
 // One tile of one slot: pairs (gate row j, up row j), SiLU-and-multiply epilogue.
@@ -248,7 +249,6 @@ __device__ __forceinline__ void moe_gate_up_tile(const MoeParams& p, int slot, i
   const float* gsc = moe_s(p, kGateS, e);
   const uint8_t* uw = moe_w(p, kUpW, e);
   const float* usc = moe_s(p, kUpS, e);
-  for (int j = threadIdx.x; j < 2 * count; j += blockDim.x) acc[j] = 0.f;
   fp8_stage_input<bf16>(p.x, p.hidden, xs);
   __syncthreads();
 
@@ -259,17 +259,13 @@ __device__ __forceinline__ void moe_gate_up_tile(const MoeParams& p, int slot, i
     float a0 = 0.f, a1 = 0.f;
     fp8_dot2<bf16>(fp8_row(gw, gsc, row, p.hidden), fp8_row(uw, usc, row, p.hidden), xs, vbeg,
                    vend, lane, a0, a1);
-    a0 = warp_sum(a0);
-    a1 = warp_sum(a1);
-    if (lane == 0) {
-      atomicAdd(&acc[2 * j], a0);
-      atomicAdd(&acc[2 * j + 1], a1);
-    }
+    store_pair_partial(acc + 2 * it, a0, a1, lane);  // it = j * ksplit + part
   }
   __syncthreads();
   for (int j = threadIdx.x; j < count; j += blockDim.x) {
     // Rounded like the reference: gate, up and silu(gate) are bf16 tensors.
-    const float g = round_bf16(acc[2 * j]), u = round_bf16(acc[2 * j + 1]);
+    const float2 a = sum_pair_partials(acc, j, p.ksplit);
+    const float g = round_bf16(a.x), u = round_bf16(a.y);
     const float s = round_bf16(g / (1.f + __expf(-g)));
     p.act[moe_act_offset(p, slot) + first + j] = __float2bfloat16(s * u);
   }

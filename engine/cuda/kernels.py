@@ -32,7 +32,7 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int
 _F = ctypes.c_float
 _SIGNATURES = {
-    "tilert_gemv": [_P] * 15 + [_I] * 10 + [_F, _P, _I],
+    "tilert_gemv": [_P] * 15 + [_I] * 10 + [_F, _I, _P, _I],
     "tilert_embed": [_P, _P, _P, _I, _P, _I],
     "tilert_attention": [_P] * 8 + [_I] * 4 + [_F, _P, _I],
     "tilert_attention_supported": [_I, _I],
@@ -131,13 +131,33 @@ class Rope:
     eps: float = 1e-6
 
 
-def gemv_tiling(k: int, epilogue: str, head_dim: int = 0, qk_norm: bool = False) -> tuple[int, int]:
-    """(pairs per tile, K split): eight warps a block, each pair's row cut along K
-    so that a warp reads about 2048 elements of each of its two rows."""
-    ksplit = max(1, min(8, k // 2048))
+def sm_count(device: Any) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemv_tiling(
+    k: int, epilogue: str, pairs: int, sms: int, head_dim: int = 0, qk_norm: bool = False
+) -> tuple[int, int]:
+    """(pairs per tile, K split) for the bf16 GEMV: eight warps a block, one item
+    (a pair of rows, or 1/ksplit of it along K) per warp and tile. At most one
+    block per SM walks the tiles, so the split is the one that gives the busiest
+    block the fewest warp steps (32 vectors of 8 elements per step, plus one
+    step's worth for each tile's epilogue); ties go to longer items."""
     if epilogue == "rope_kv" and qk_norm:
-        return head_dim // 2, ksplit  # the per-head norm needs the whole head in one block
-    return max(1, 8 // ksplit), ksplit
+        # The per-head norm needs the whole head in one block.
+        return head_dim // 2, max(1, min(8, k // 2048))
+    nvec = k // 8
+    best = None
+    for ksplit in (1, 2, 4, 8):
+        chunk = math.ceil(nvec / ksplit)
+        if ksplit > 1 and chunk < 32:
+            break  # a part shorter than one step of the warp
+        ppt = 8 // ksplit
+        tiles = math.ceil(pairs / ppt)
+        cost = math.ceil(tiles / min(tiles, sms)) * (math.ceil(chunk / 32) + 1)
+        if best is None or cost < best[0]:
+            best = (cost, ppt, ksplit)
+    return best[1], best[2]
 
 
 def gemv(
@@ -153,6 +173,7 @@ def gemv(
     rope: Rope | None = None,
     part_max: torch.Tensor | None = None,
     part_idx: torch.Tensor | None = None,
+    tiling: tuple[int, int, int] | None = None,
 ) -> Launch:
     """y = W @ rmsnorm?(x) with a fused epilogue.
 
@@ -162,6 +183,7 @@ def gemv(
       rope_kv:  N = (Hq + 2 Hkv) D, out = q [Hq, D] roped; k roped and v written
                 into rope.k_cache / rope.v_cache at rope.pos
       logits:   out [N] fp32; part_max / part_idx [tiles] each tile's max, argmax
+    `tiling` = (pairs per tile, K split, blocks) overrides gemv_tiling (tests).
     """
     dev = w.device
     n, k = w.shape
@@ -212,8 +234,15 @@ def gemv(
         pairs = (n + 1) // 2
     else:
         raise ValueError(f"gemv: unknown epilogue {epilogue!r}")
-    ppt, ksplit = gemv_tiling(k, epilogue, head_dim_for_tiling, qk_norm)
+    sms = sm_count(dev)
+    ppt, ksplit = gemv_tiling(k, epilogue, pairs, sms, head_dim_for_tiling, qk_norm)
     tiles = math.ceil(pairs / ppt)
+    blocks = min(tiles, sms)
+    if tiling is not None:
+        ppt, ksplit, blocks = tiling
+        tiles = math.ceil(pairs / ppt)
+        if not (1 <= ksplit <= 8 and ppt * ksplit <= 256 and blocks >= 1):
+            raise ValueError(f"gemv: bad tiling {tiling}")
     if epilogue == "logits":
         pm = _check(part_max, "part_max", torch.float32, (tiles,), dev)
         pi = _check(part_idx, "part_idx", torch.int32, (tiles,), dev)
@@ -244,15 +273,17 @@ def gemv(
         kv_heads,
         head_dim,
         float(eps),
+        blocks,
     )
     keep = (w, x, out, norm_weight, bias, residual, rope, part_max, part_idx)
     return Launch(f"gemv[{epilogue}]", lib().tilert_gemv, args, keep)
 
 
-def logits_tiles(n: int, k: int) -> int:
-    """Length of part_max / part_idx for a logits GEMV of N rows."""
-    ppt, _ = gemv_tiling(k, "logits")
-    return math.ceil(((n + 1) // 2) / ppt)
+def logits_tiles(n: int, k: int, device: Any) -> int:
+    """Length of part_max / part_idx for a logits GEMV of N rows on `device`."""
+    pairs = (n + 1) // 2
+    ppt, _ = gemv_tiling(k, "logits", pairs, sm_count(device))
+    return math.ceil(pairs / ppt)
 
 
 def embed(table: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> Launch:
@@ -330,14 +361,15 @@ def attention(
 
 
 def host_device_pointer(t: torch.Tensor) -> int:
-    """Device address of a pinned host tensor."""
+    """Device address of a pinned host tensor (a view may start inside its allocation)."""
     if not t.is_pinned():
         raise ValueError("host_device_pointer: tensor is not pinned")
+    base = t.untyped_storage().data_ptr()
     out = ctypes.c_void_p()
-    rc = lib().tilert_host_device_pointer(t.data_ptr(), ctypes.byref(out))
+    rc = lib().tilert_host_device_pointer(base, ctypes.byref(out))
     if rc != 0:
         raise CudaError(f"cudaHostGetDevicePointer: {lib().tilert_error_string(rc).decode()}")
-    return int(out.value or 0)
+    return int(out.value or 0) + (t.data_ptr() - base)
 
 
 def sample(
@@ -469,7 +501,7 @@ def fp8_gemv(
         raise ValueError(f"x: dtype {x.dtype}, expected bfloat16 or float32")
     if out.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"out: dtype {out.dtype}, expected bfloat16 or float32")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    sms = sm_count(dev)
     ppt, ksplit, chunk = tiling or fp8_gemv_tiling(k, wn if groups is None else None, sms)
     g_rows = g_stride = g_offset = 0
     if groups is None:
@@ -852,7 +884,7 @@ def indexer_topk(
     if sel.dim() != 1 or sel.numel() < 1:
         raise ValueError(f"sel: shape {tuple(sel.shape)}, expected [K] with K >= 1")
     if blocks is None:
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        sms = sm_count(dev)
         blocks = max(1, min(math.ceil(positions / INDEXER_TILE), 2 * sms))
     args = (
         _check(q, "q", torch.bfloat16, (heads, dim), dev),

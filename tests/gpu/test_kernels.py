@@ -74,6 +74,40 @@ def test_gemv_store(n, k, norm, residual):
     close_bf16(out, ref, f"gemv {n}x{k} norm={norm} residual={residual}")
 
 
+# (pairs per tile, K split, blocks): a block walking many tiles (its weight
+# stream crossing tile and item boundaries), K splits summed across warps, and
+# warps with no item in a tile (3 x 2 items for 8 warps).
+@pytest.mark.parametrize("tiling", [(8, 1, 1), (4, 2, 3), (2, 4, 7), (1, 8, 132), (2, 3, 5)])
+@pytest.mark.parametrize("epilogue", ["store", "silu_mul"])
+def test_gemv_tilings(tiling, epilogue):
+    n, k = 1030, 2056  # 257 vectors a row: the last step of an item is one lane wide
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF)
+    x = torch.randn(k, device=DEV).to(BF)
+    nw = (1 + 0.1 * torch.randn(k, device=DEV)).to(BF)
+    bufs = {"x": x[None], "r": torch.randn(1, n, device=DEV).to(BF)}
+    run_ref("rmsnorm", Op("n", "rmsnorm", ("x",), ("h",), ("nw",), {"eps": 1e-5}), {"nw": nw}, bufs)
+    if epilogue == "store":
+        run_ref("linear", Op("l", "linear", ("h", "r"), ("y",), ("w",)), {"w": w}, bufs)
+        out = torch.full((n,), float("nan"), device=DEV, dtype=BF)
+        launch = kernels.gemv(
+            w, x, out, norm_weight=nw, eps=1e-5, residual=bufs["r"][0], tiling=tiling
+        )
+    else:
+        run_ref("linear", Op("l", "linear", ("h",), ("gu",), ("w",)), {"w": w}, bufs)
+        run_ref("silu_mul", Op("a", "silu_mul", ("gu",), ("y",)), {}, bufs)
+        out = torch.full((n // 2,), float("nan"), device=DEV, dtype=BF)
+        launch = kernels.gemv(
+            w, x, out, epilogue="silu_mul", norm_weight=nw, eps=1e-5, tiling=tiling
+        )
+    launch()
+    close_bf16(out, bufs["y"][0], f"gemv {epilogue} {n}x{k} tiling {tiling}")
+    # K parts are summed in a fixed order: the same bits on every run.
+    first = out.clone()
+    for _ in range(5):
+        launch()
+        assert torch.equal(out, first)
+
+
 def test_gemv_store_residual_in_place():
     n, k = 2048, 2048
     w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF)
@@ -242,7 +276,7 @@ def test_lm_head_logits_and_greedy(vocab, k):
         {"x": x[None]},
     )["h"][0]
     ref = w.float() @ h.float()  # fp32 logits (the kernel keeps them fp32)
-    tiles = kernels.logits_tiles(vocab, k)
+    tiles = kernels.logits_tiles(vocab, k, DEV)
     logits = torch.empty(vocab, device=DEV)
     pm = torch.empty(tiles, device=DEV)
     pi = torch.empty(tiles, dtype=torch.int32, device=DEV)
