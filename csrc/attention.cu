@@ -15,14 +15,14 @@ template <int kD>
 int launch_attention(const AttnParams& p, int group, void* stream, int pdl) {
   const dim3 grid(p.kv_heads, p.splits), block(kAttnThreads);
   switch (group) {
-    case 1: return launch(attention_kernel<kD, 1>, grid, block, 0, stream, pdl, p);
-    case 2: return launch(attention_kernel<kD, 2>, grid, block, 0, stream, pdl, p);
-    case 3: return launch(attention_kernel<kD, 3>, grid, block, 0, stream, pdl, p);
-    case 4: return launch(attention_kernel<kD, 4>, grid, block, 0, stream, pdl, p);
-    case 5: return launch(attention_kernel<kD, 5>, grid, block, 0, stream, pdl, p);
-    case 6: return launch(attention_kernel<kD, 6>, grid, block, 0, stream, pdl, p);
-    case 7: return launch(attention_kernel<kD, 7>, grid, block, 0, stream, pdl, p);
-    case 8: return launch(attention_kernel<kD, 8>, grid, block, 0, stream, pdl, p);
+    case 1: return launch_co_resident(attention_kernel<kD, 1>, grid, block, 0, stream, pdl, p);
+    case 2: return launch_co_resident(attention_kernel<kD, 2>, grid, block, 0, stream, pdl, p);
+    case 3: return launch_co_resident(attention_kernel<kD, 3>, grid, block, 0, stream, pdl, p);
+    case 4: return launch_co_resident(attention_kernel<kD, 4>, grid, block, 0, stream, pdl, p);
+    case 5: return launch_co_resident(attention_kernel<kD, 5>, grid, block, 0, stream, pdl, p);
+    case 6: return launch_co_resident(attention_kernel<kD, 6>, grid, block, 0, stream, pdl, p);
+    case 7: return launch_co_resident(attention_kernel<kD, 7>, grid, block, 0, stream, pdl, p);
+    case 8: return launch_co_resident(attention_kernel<kD, 8>, grid, block, 0, stream, pdl, p);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

@@ -4,6 +4,15 @@
 // head's K and V once for all of them, over one contiguous slice of positions.
 // Splits write unnormalized partial results; the last split of a kv head to
 // finish (a ticket counter) merges them, so a long context costs one launch.
+//
+// The cache rows of earlier tokens do not depend on the previous kernel (only
+// the current position's row does, written by the QKV GEMV), and the position
+// itself is copied in before the step: a block stages the first kAttnStaged
+// positions of its slice into shared memory before griddepcontrol.wait (and
+// the rest, if any, in rounds of kAttnStaged after it). The launch has
+// `splits` blocks per kv head, but only as many take part as the current
+// length needs (kAttnStaged positions each): a short context does not pay for
+// merging empty splits.
 #pragma once
 
 #include "common.cuh"
@@ -26,6 +35,9 @@ struct AttnParams {
 constexpr int kAttnThreads = 128;
 constexpr int kMaxAttnSplits = 256;  // the host never asks for more
 constexpr int kAttnWarps = kAttnThreads / kWarp;
+// Positions of a split staged in shared memory (16 KB of K and V rows).
+template <int kD>
+constexpr int kAttnStaged = 8192 / (kD * 2);
 
 // Online-softmax state merge: (m, l, o) with m in log2 units.
 __device__ __forceinline__ void softmax_merge(float& m, float& l, float* o, float m2, float l2,
@@ -46,15 +58,42 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   __shared__ float s_m[kAttnWarps][kG], s_l[kAttnWarps][kG];
   __shared__ float s_o[kAttnWarps][kG][kD];
   __shared__ int s_last;
+  constexpr int kT = kAttnStaged<kD>;
+  __shared__ __align__(16) bf16 s_k[kT * kD], s_v[kT * kD];
 
-  pdl_launch_dependents();
-  pdl_wait();
-
-  const int len = *p.pos + 1;
-  const int chunk = (len + p.splits - 1) / p.splits;
+  const int pos = *p.pos;  // copied in before the step, not by the previous kernel
+  const int len = pos + 1;
+  const int splits = min(p.splits, (len + kT - 1) / kT);
+  if (split >= splits) {
+    pdl_launch_dependents();
+    return;
+  }
+  const int chunk = (len + splits - 1) / splits;
   const int beg = split * chunk, end = min(len, beg + chunk);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int sub = lane / kLanesPerPos, sl = lane % kLanesPerPos;
+  const size_t stride = (size_t)p.kv_heads * kD;
+  // Rows [rb, re) into shared memory through cp.async (one commit group).
+  auto stage = [&](int rb, int re) {
+    for (int i = threadIdx.x; i < (re - rb) * kLanesPerPos; i += kAttnThreads) {
+      const int r = i / kLanesPerPos, c = (i % kLanesPerPos) * 8;
+      const size_t src = (size_t)(rb + r) * stride + (size_t)kvh * kD + c;
+      cp_async16(s_k + r * kD + c, p.k_cache + src, true);
+      cp_async16(s_v + r * kD + c, p.v_cache + src, true);
+    }
+    cp_async_commit();
+  };
+  // First round: rows of earlier tokens before the wait, the current row after it.
+  const int first_end = min(end, beg + kT);
+  stage(beg, max(beg, min(first_end, pos)));
+  pdl_launch_dependents();
+  pdl_wait();
+  if (pos >= beg && pos < first_end && threadIdx.x < kLanesPerPos) {
+    const int r = pos - beg, c = threadIdx.x * 8;
+    const size_t src = (size_t)pos * stride + (size_t)kvh * kD + c;
+    *reinterpret_cast<uint4*>(s_k + r * kD + c) = __ldcg(reinterpret_cast<const uint4*>(p.k_cache + src));
+    *reinterpret_cast<uint4*>(s_v + r * kD + c) = __ldcg(reinterpret_cast<const uint4*>(p.v_cache + src));
+  }
 
   // q of the group, pre-scaled into log2 units so the loop uses exp2.
   float q[kG][8];
@@ -79,44 +118,50 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     for (int e = 0; e < 8; ++e) o[g][e] = 0.f;
   }
 
-  const size_t stride = (size_t)p.kv_heads * kD;
-  const bf16* kb = p.k_cache + (size_t)kvh * kD + sl * 8;
-  const bf16* vb = p.v_cache + (size_t)kvh * kD + sl * 8;
-  // The loop bound is uniform across the warp (the shuffles need every lane);
+  // The loop bounds are uniform across the warp (the shuffles need every lane);
   // positions past `end` are never loaded, so unused cache slots are never read.
-  for (int t0 = beg + warp * kPosPerWarp; t0 < end; t0 += kAttnWarps * kPosPerWarp) {
-    const int t = t0 + sub;
-    const bool valid = t < end;
-    uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);
-    if (valid) {
-      kr = *reinterpret_cast<const uint4*>(kb + t * stride);
-      vr = *reinterpret_cast<const uint4*>(vb + t * stride);
+  for (int rb = beg; rb < end; rb += kT) {
+    const int re = min(end, rb + kT);
+    if (rb != beg) {
+      __syncthreads();  // every warp is done with the previous round's rows
+      stage(rb, re);
     }
-    float kf[8], vf[8];
-    const __nv_bfloat162* k2 = reinterpret_cast<const __nv_bfloat162*>(&kr);
-    const __nv_bfloat162* v2 = reinterpret_cast<const __nv_bfloat162*>(&vr);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 a = __bfloat1622float2(k2[e]), b = __bfloat1622float2(v2[e]);
-      kf[2 * e] = a.x;
-      kf[2 * e + 1] = a.y;
-      vf[2 * e] = b.x;
-      vf[2 * e + 1] = b.y;
-    }
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      float s = 0.f;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) s = fmaf(q[g][e], kf[e], s);
-#pragma unroll
-      for (int off = kLanesPerPos / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int t0 = rb + warp * kPosPerWarp; t0 < re; t0 += kAttnWarps * kPosPerWarp) {
+      const int t = t0 + sub;
+      const bool valid = t < re;
+      uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);
       if (valid) {
-        const float mn = fmaxf(m[g], s);
-        const float c = exp2f(m[g] - mn), e1 = exp2f(s - mn);
-        l[g] = l[g] * c + e1;
+        kr = *reinterpret_cast<const uint4*>(s_k + (t - rb) * kD + sl * 8);
+        vr = *reinterpret_cast<const uint4*>(s_v + (t - rb) * kD + sl * 8);
+      }
+      float kf[8], vf[8];
+      const __nv_bfloat162* k2 = reinterpret_cast<const __nv_bfloat162*>(&kr);
+      const __nv_bfloat162* v2 = reinterpret_cast<const __nv_bfloat162*>(&vr);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) o[g][e] = o[g][e] * c + e1 * vf[e];
-        m[g] = mn;
+      for (int e = 0; e < 4; ++e) {
+        const float2 a = __bfloat1622float2(k2[e]), b = __bfloat1622float2(v2[e]);
+        kf[2 * e] = a.x;
+        kf[2 * e + 1] = a.y;
+        vf[2 * e] = b.x;
+        vf[2 * e + 1] = b.y;
+      }
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s = fmaf(q[g][e], kf[e], s);
+#pragma unroll
+        for (int off = kLanesPerPos / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (valid) {
+          const float mn = fmaxf(m[g], s);
+          const float c = exp2f(m[g] - mn), e1 = exp2f(s - mn);
+          l[g] = l[g] * c + e1;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) o[g][e] = o[g][e] * c + e1 * vf[e];
+          m[g] = mn;
+        }
       }
     }
   }
@@ -161,7 +206,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       oo += s_o[w][g][d] * c;
     }
     const int h = kvh * kG + g;
-    if (p.splits == 1) {
+    if (splits == 1) {
       p.out[(size_t)h * kD + d] = __float2bfloat16(oo / ll);
     } else {
       const size_t slot = (size_t)h * p.splits + split;
@@ -172,12 +217,12 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       }
     }
   }
-  if (p.splits == 1) return;
+  if (splits == 1) return;
 
   // Last split of this kv head to arrive merges all splits.
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(&p.tickets[kvh], 1) == p.splits - 1;
+  if (threadIdx.x == 0) s_last = atomicAdd(&p.tickets[kvh], 1) == splits - 1;
   __syncthreads();
   if (!s_last) return;
   __threadfence();
@@ -190,10 +235,10 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   for (int g = warp; g < kG; g += kAttnWarps) {
     const float* ml = p.part_ml + (size_t)(kvh * kG + g) * p.splits * 2;
     float mm = -INFINITY;
-    for (int s = lane; s < p.splits; s += kWarp) mm = fmaxf(mm, __ldcg(ml + 2 * s));
+    for (int s = lane; s < splits; s += kWarp) mm = fmaxf(mm, __ldcg(ml + 2 * s));
     mm = warp_max(mm);
     float ll = 0.f;
-    for (int s = lane; s < p.splits; s += kWarp) {
+    for (int s = lane; s < splits; s += kWarp) {
       const float ms = __ldcg(ml + 2 * s);
       const float w = ms == -INFINITY ? 0.f : exp2f(ms - mm);  // empty splits weigh 0
       s_w[g][s] = w;
@@ -209,7 +254,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     const float* po = p.part_o + (size_t)h * p.splits * kD + d;
     float oo = 0.f;
 #pragma unroll 8
-    for (int s = 0; s < p.splits; ++s) oo += s_w[g][s] * __ldcg(po + (size_t)s * kD);
+    for (int s = 0; s < splits; ++s) oo += s_w[g][s] * __ldcg(po + (size_t)s * kD);
     p.out[(size_t)h * kD + d] = __float2bfloat16(oo * s_inv[g]);
   }
   if (threadIdx.x == 0) p.tickets[kvh] = 0;  // ready for the next launch (graph replay)

@@ -43,7 +43,7 @@ int tilert_sample(const float* logits, const float* part_max, const int* part_id
   p.token_dev = token_dev;
   p.token_host = token_host;
   p.vocab = vocab;
-  return launch(sample_kernel, dim3(1), dim3(kSampleThreads), 0, stream, pdl, p);
+  return launch_co_resident(sample_kernel, dim3(1), dim3(kSampleThreads), 0, stream, pdl, p);
 }
 
 }  // extern "C"
