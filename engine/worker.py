@@ -186,12 +186,13 @@ class Worker:
         # On-GPU sampling (the graph executor) leaves the host one read per
         # token; penalties, logprobs and EOS suppression need the logits here.
         on_device = (
-            hasattr(ex, "decode_token")
+            hasattr(ex, "decode_tokens")
             and params.repetition_penalty == 1.0
             and not params.presence_penalty
             and not params.frequency_penalty
             and not want_lp
         )
+        stream = None  # on-GPU sampling, one step ahead of this loop
         try:
             sampler = Sampler(params, self.model.vocab_size, prompt, self.device)
             logits = ex.prefill(prompt, trace=check)
@@ -217,7 +218,9 @@ class Worker:
                     while True:  # a hang: no heartbeat, no progress
                         time.sleep(3600)
                 if on_device and n >= min_new:
-                    token = ex.decode_token(token, params)
+                    if stream is None:
+                        stream = ex.decode_tokens(token, params, count=max_new - n)
+                    token = next(stream)
                 else:
                     logits = ex.decode(token, trace=check)
                     token = sampler.sample(logits, suppress if n < min_new else ())
@@ -228,6 +231,9 @@ class Worker:
             self.seg.set_error(f"{type(e).__name__}: {e}")
             traceback.print_exc(file=sys.stderr)
             self.publish(seq, -1, Finish.ERROR)
+        finally:
+            if stream is not None:
+                stream.close()
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

@@ -27,7 +27,7 @@ logits (norm outputs, qkv and gate|up never reach memory).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import numpy
 import torch
@@ -72,7 +72,8 @@ class GraphExecutor:
             self._ref = ReferenceExecutor(model, tensors, device=self.device, dtype=dtype)
             self._setup()
         self.length = 0
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graphs: list[torch.cuda.CUDAGraph] | None = None
+        self._done = [torch.cuda.Event(), torch.cuda.Event()]  # per pinned token slot
 
     # ------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -94,7 +95,9 @@ class GraphExecutor:
         self._staged = [torch.cuda.Event() for _ in range(_STAGING_SLOTS)]
         self._used = [False] * _STAGING_SLOTS
         self._slot = 0
-        self._token_host = torch.zeros(1, dtype=torch.int32).pin_memory()
+        # One pinned slot per captured graph: with a step in flight behind the
+        # one being read, the two must not write the same word.
+        self._token_host = torch.zeros(2, dtype=torch.int32).pin_memory()
         self._token_dev = torch.zeros(1, dtype=torch.int32, device=dev)
         self.bufs: dict[str, torch.Tensor] = {}
         self._rope_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -105,6 +108,11 @@ class GraphExecutor:
             self.launches = graph_deepseek.lower(self, m.decode)
         else:
             self.launches = self._lower(m.decode)
+        # The same step with its sampler writing the other pinned slot.
+        pick = self.launches[-1]
+        assert pick.name == "sample"
+        other = kernels.sample(*pick.keep[:5], self._token_host[1:2])
+        self._variants = [self.launches, [*self.launches[:-1], other]]
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         t = self.bufs.get(name)
@@ -238,7 +246,7 @@ class GraphExecutor:
         n, k = w.shape
         x = self.bufs[op.inputs[0]] if norm is None else self.bufs[norm.inputs[0]]
         logits = self._buf(op.outputs[0], (n,), torch.float32)
-        tiles = kernels.logits_tiles(n, k)
+        tiles = kernels.logits_tiles(n, k, self.device)
         part_max = self._buf("lm_head.part_max", (tiles,), torch.float32)
         part_idx = self._buf("lm_head.part_idx", (tiles,), torch.int32)
         head = kernels.gemv(
@@ -252,25 +260,30 @@ class GraphExecutor:
             eps=float(norm.attrs["eps"]) if norm is not None else 1e-6,
         )
         head.ops = tuple(o for o in (norm, op) if o is not None)
-        pick = kernels.sample(logits, part_max, part_idx, self._cfg, self._ids, self._token_host)
+        pick = kernels.sample(
+            logits, part_max, part_idx, self._cfg, self._ids, self._token_host[0:1]
+        )
         return [head, pick]
 
     # ------------------------------------------------------------ running
-    def _stage(self, token: int, config: bytes) -> None:
-        """Enqueues the copy of (token, position, sampling settings) for the next step."""
+    def _stage(self, token: int | None, config: bytes) -> None:
+        """Enqueues the copy of (token, position, sampling settings) for the next
+        step; with token None the id stays the one the previous step's sampler
+        wrote on the GPU."""
         s = self._slot
         self._slot = (s + 1) % _STAGING_SLOTS
         if self._used[s]:
             self._staged[s].synchronize()  # its previous copy must have left the buffer
         buf = self._staging[s]
-        packed = _STEP_HEADER.pack(token, self.length, self.length + 1, 0) + config
+        packed = _STEP_HEADER.pack(token or 0, self.length, self.length + 1, 0) + config
         buf.numpy()[:] = numpy.frombuffer(packed, dtype=numpy.uint8)
-        self._step_in.copy_(buf, non_blocking=True)
+        skip = 0 if token is not None else 4  # the id is the header's first word
+        self._step_in[skip:].copy_(buf[skip:], non_blocking=True)
         self._staged[s].record()
         self._used[s] = True
 
-    def _run_eager(self, trace: Trace | None, stop_after: str | None) -> None:
-        for la in self.launches:
+    def _run_eager(self, trace: Trace | None, stop_after: str | None, slot: int = 0) -> None:
+        for la in self._variants[slot]:
             la(pdl=False)
             for op in la.ops:
                 if trace is not None:
@@ -297,33 +310,51 @@ class GraphExecutor:
                 for la in self.launches:
                     la(side.cuda_stream, pdl=self.pdl)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            stream = torch.cuda.current_stream().cuda_stream
-            for la in self.launches:
-                la(stream, pdl=self.pdl)
-        self._graph = graph
+        graphs = []
+        for launches in self._variants:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                stream = torch.cuda.current_stream().cuda_stream
+                for la in launches:
+                    la(stream, pdl=self.pdl)
+            graphs.append(graph)
+        self._graphs = graphs
 
-    def _step(self, token: int, config: bytes, trace: Trace | None, stop_after: str | None) -> None:
+    def _step(
+        self,
+        token: int | None,
+        config: bytes,
+        trace: Trace | None,
+        stop_after: str | None,
+        slot: int = 0,
+    ) -> None:
+        """Enqueues one step at position `length`: `token` from the host, or None
+        for the id the previous step sampled on the GPU. Its sampler writes the
+        id to pinned slot `slot`."""
         if self.length >= self.model.context_length:
             raise ValueError(
                 f"sequence of {self.length + 1} positions exceeds the context of "
                 f"{self.model.context_length}"
             )
-        if not 0 <= token < self.model.vocab_size:
+        if token is not None and not 0 <= token < self.model.vocab_size:
             raise ValueError(f"token {token} is outside the vocabulary of {self.model.vocab_size}")
         with torch.cuda.device(self.device):
-            self._stage(token, config)
             if self.eager or stop_after is not None:
-                self._run_eager(trace, stop_after)
+                self._stage(token, config)
+                self._run_eager(trace, stop_after, slot)
             else:
-                if self._graph is None:
+                self._stage(token, config)
+                if self._graphs is None:
+                    # Warm-up runs the step (at this position, so it writes only
+                    # the rows this step writes) and its sampler, which
+                    # overwrites the input id: put the id back.
+                    ids = self._ids.clone()
                     self._capture()
-                    self._stage(token, config)  # the warm-up consumed nothing, but be exact
-                assert self._graph is not None
-                self._graph.replay()
+                    self._ids.copy_(ids)
+                self._graphs[slot].replay()
                 if trace is not None:
                     trace(self.model.decode[-1], self._trace_bufs())
+            self._done[slot].record()
         self.length += 1
 
     def reset(self) -> None:
@@ -353,17 +384,11 @@ class GraphExecutor:
         self._step(int(token), kernels.sample_config(), trace, stop_after)
         return self.bufs["logits"]
 
-    @torch.inference_mode()
-    def decode_token(self, token: int, sampling: SamplingParams | None = None) -> int:
-        """Appends one token and returns the next one, chosen on the GPU: greedy,
-        or temperature / top-k / top-p / min-p with a Philox stream keyed by the
-        seed and the position. Reading the id is the only host synchronization.
-        Repetition, presence and frequency penalties are not applied on the GPU
-        (sample from decode()'s logits on the host for those)."""
+    def _sample_config(self, sampling: SamplingParams | None) -> bytes:
         sp = sampling or SamplingParams(temperature=0.0)
         if sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty:
             raise NotImplementedError("penalties are applied by the host sampler, not on the GPU")
-        config = kernels.sample_config(
+        return kernels.sample_config(
             temperature=sp.temperature,
             top_k=sp.top_k,
             top_p=sp.top_p,
@@ -371,6 +396,46 @@ class GraphExecutor:
             seed=sp.seed,
             step=self.length,
         )
-        self._step(int(token), config, None, None)
-        torch.cuda.current_stream(self.device).synchronize()
+
+    @torch.inference_mode()
+    def decode_token(self, token: int, sampling: SamplingParams | None = None) -> int:
+        """Appends one token and returns the next one, chosen on the GPU: greedy,
+        or temperature / top-k / top-p / min-p with a Philox stream keyed by the
+        seed and the position. Reading the id is the only host synchronization.
+        Repetition, presence and frequency penalties are not applied on the GPU
+        (sample from decode()'s logits on the host for those)."""
+        self._step(int(token), self._sample_config(sampling), None, None)
+        self._done[0].synchronize()
         return int(self._token_host[0])
+
+    @torch.inference_mode()
+    def decode_tokens(
+        self, token: int, sampling: SamplingParams | None = None, count: int | None = None
+    ) -> Generator[int, None, None]:
+        """Yields the tokens that follow `token` (at most `count`), as decode_token
+        would one call at a time, but one step ahead: step k + 1 (its input id
+        read on the GPU from step k's sampler) is enqueued before step k's id is
+        read, so the host's work between tokens overlaps the GPU's instead of
+        adding to it. `length` counts the tokens yielded so far. Stop by closing
+        the generator: the step then in flight wrote the cache row at `length`,
+        which the next step there overwrites. No step runs past `count`."""
+        if count is not None and count < 1:
+            return
+        pending, made = 0, 1
+        self._step(int(token), self._sample_config(sampling), None, None, slot=pending)
+        while True:
+            ahead = None
+            if self.length < self.model.context_length and (count is None or made < count):
+                ahead = 1 - pending
+                self._step(None, self._sample_config(sampling), None, None, slot=ahead)
+                self.length -= 1  # not the caller's until it asks for the token
+                made += 1
+            self._done[pending].synchronize()
+            yield int(self._token_host[pending])
+            if ahead is None:
+                if count is not None and made >= count:
+                    return
+                # The context is full: raise as decode_token would.
+                self._step(None, self._sample_config(sampling), None, None)
+            self.length += 1
+            pending = ahead

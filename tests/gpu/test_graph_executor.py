@@ -126,6 +126,39 @@ def test_eager_graph_and_gpu_sampling_agree():
     assert draws[0] == draws[1]
 
 
+def test_pipelined_decode_matches_one_at_a_time():
+    """decode_tokens (one step in flight ahead of the host) yields what
+    decode_token yields fed back one call at a time, keeps `length` to the
+    tokens handed out, and can stop and resume at any token."""
+    cfg = MODELS["llama-small"]
+    model = describe(cfg)
+    src = memory_source(random_weights(cfg, random.randrange(2**31), "cuda"))
+    ex = make_executor("graph", model, src, "cuda", torch.bfloat16)
+    prompt = [random.randrange(model.vocab_size) for _ in range(7)]
+    seed = random.randrange(2**31)
+    for sp in (None, SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=seed)):
+        ex.prefill(prompt)
+        t, want = 9, []
+        for _ in range(24):
+            t = ex.decode_token(t, sp)
+            want.append(t)
+        ex.prefill(prompt)
+        got = []
+        stream = ex.decode_tokens(9, sp)
+        for _ in range(10):
+            got.append(next(stream))
+            assert ex.length == len(prompt) + len(got)
+        stream.close()  # a step was in flight past the last token
+        assert ex.length == len(prompt) + 10
+        t = got[-1]
+        for _ in range(4):
+            t = ex.decode_token(t, sp)
+            got.append(t)
+        got += list(ex.decode_tokens(t, sp, count=10))  # ends by itself, nothing in flight
+        assert ex.length == len(prompt) + 24
+        assert got == want, sp
+
+
 def test_stop_after_and_trace_bisect():
     cfg = MODELS["llama-small"]
     model = describe(cfg)
