@@ -52,7 +52,7 @@ fi
 step build 300 env TILERT_DUMP_SASS=1 python3 -m tilert.engine.cuda.build
 cp "$TILERT_CACHE"/libtilert_*.so.log "$OUT/ptxas.log" 2>/dev/null
 
-for t in ${TESTS:-deepseek_prep_kernels deepseek_graph kernels graph_executor serve_gpu deepseek_kernels mla_kernels}; do
+for t in ${TESTS-deepseek_prep_kernels deepseek_graph kernels graph_executor serve_gpu deepseek_kernels mla_kernels}; do
   step "tests_$t" "$TEST_TIMEOUT" python3 -m pytest -m gpu "tests/gpu/test_$t.py" --confcutdir=tests/gpu \
     -p no:cacheprovider -q -rfEs --tb=short --durations=5 --timeout=120 -o addopts=""
 done
@@ -65,6 +65,9 @@ for b in ${BENCHES-decode deepseek}; do
     # DeepSeek-V3.2 whole layers at the real geometry, through the graph executor.
     deepseek) step bench_deepseek "$BENCH_TIMEOUT" python3 benchmarks/bench_deepseek_decode.py \
       --json "$OUT/bench_deepseek.json" ;;
+    # Marginal cost of each launch kind inside the PDL step (Llama-3.2-1B geometry).
+    marginal) step bench_marginal "$BENCH_TIMEOUT" bash -c "cd benchmarks && python3 bench_marginal.py \
+      --json $OUT/bench_marginal.json" ;;
     # The MoE block and FP8 GEMVs alone (tilings).
     moe) step bench_deepseek_layer "$BENCH_TIMEOUT" python3 benchmarks/bench_deepseek_layer.py \
       --json "$OUT/bench_deepseek_layer.json" ;;
@@ -81,6 +84,7 @@ for f in "$OUT"/tests_*.log; do
 done
 [ -f "$OUT/bench.log" ] && sed -n '/^NVIDIA\|^H100\|^H200\|GB\/s (read/,$p' "$OUT/bench.log" | tail -n 20
 [ -f "$OUT/bench_deepseek.log" ] && sed -n "/copy bandwidth/,\$p" "$OUT/bench_deepseek.log"
+[ -f "$OUT/bench_marginal.log" ] && sed -n "/context/,\$p" "$OUT/bench_marginal.log"
 # A device run returns at most 8 files: the logs travel as one archive.
 (cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tgz ./*.log && rm -f ./*.log)
 true  # the run's outcome is in the summary above, not in the last test of a listing

@@ -1,0 +1,93 @@
+"""Where a PDL decode step spends its time: the marginal cost of each kind of
+launch inside the captured step.
+
+Method: one graph executor at a workload's geometry (random bf16 weights,
+`--context` positions filled). For each launch kind K, the step's launches
+without K are captured into a CUDA graph (with programmatic dependent launch,
+as the executor does) and replayed back to back; the marginal cost of K is the
+full step's device time minus that. Also: a graph of the GEMV launches alone,
+and a chain of the same GEMV repeated (per-boundary cost of the pipeline).
+The numbers are timings of incomplete steps (a step without attention reads
+stale activations): only their differences mean anything.
+
+Prints one table; --json writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from bench_decode import WORKLOADS, random_source  # beside this script
+
+from tilert.engine.executors.graph import GraphExecutor
+from tilert.engine.models.llama import describe
+
+
+def replay_ms(launches, pdl: bool, n: int = 50) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for la in launches:
+            la(side.cuda_stream, pdl=pdl)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        s = torch.cuda.current_stream().cuda_stream
+        for la in launches:
+            la(s, pdl=pdl)
+    for _ in range(5):
+        graph.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        graph.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", default="llama-3.2-1b")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    cfg = dict(WORKLOADS[args.workload])
+    cfg["max_position_embeddings"] = args.context + 64
+    model = describe(cfg)
+    src, _ = random_source(cfg, "cuda")
+    ex = GraphExecutor(model, src, device="cuda")
+    ex.prefill([i % model.vocab_size for i in range(args.context)])
+    ex.decode(1)  # stages a step (position = context)
+    launches = ex.launches
+    kinds = sorted({la.name for la in launches})
+    rows = []
+    for pdl in (True, False):
+        full = replay_ms(launches, pdl)
+        rows.append((pdl, "full step", len(launches), full, 0.0))
+        for k in kinds:
+            rest = [la for la in launches if la.name != k]
+            t = replay_ms(rest, pdl)
+            rows.append((pdl, f"without {k}", len(rest), t, full - t))
+        gemvs = [la for la in launches if la.name.startswith("gemv")]
+        rows.append((pdl, "gemv launches alone", len(gemvs), replay_ms(gemvs, pdl), 0.0))
+        for k in sorted({la.name for la in gemvs}):
+            one = next(la for la in gemvs if la.name == k)
+            rows.append((pdl, f"16 x first {k}", 16, replay_ms([one] * 16, pdl), 0.0))
+    print(f"{torch.cuda.get_device_name(0)}, {args.workload}, context {args.context}")
+    print(f"{'pdl':<5} {'graph':<34} {'launches':>8} {'ms':>8} {'marginal us':>12}")
+    for pdl, name, n, t, m in rows:
+        print(f"{pdl!s:<5} {name:<34} {n:>8} {t:>8.4f} {m * 1e3:>12.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            keys = ("pdl", "graph", "launches", "ms", "marginal_ms")
+            json.dump([dict(zip(keys, r, strict=True)) for r in rows], f)
+    print("command: python " + " ".join(sys.argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
