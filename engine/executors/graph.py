@@ -13,6 +13,10 @@ weights while the previous one drains. The token, position and sampling settings
 live in device memory, written by one small host-to-device copy before each
 replay, so the graph never changes; the sampler writes the next token id to
 pinned host memory, and reading it is the step's only host synchronization.
+decode_tokens keeps one step in flight ahead of that read (the next step takes
+its input id from the sampler on the GPU), so the host's work per token
+overlaps the GPU's; the step is captured twice, the two samplers writing
+alternate pinned slots.
 
 Prefill runs the reference ops on the GPU, batched over the prompt (it writes
 the same caches). Weights, caches and the RoPE tables are those the reference
