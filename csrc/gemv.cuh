@@ -7,8 +7,8 @@
 // store pairs neighbours. Each pair may be cut along K into `ksplit` parts so that
 // a long row (K = 8192) is read by several warps at once.
 //
-// A block walks tiles blockIdx.x, + gridDim.x, ... (the grid is at most one block
-// per SM), so the norm prologue runs once per block, not once per tile, and the
+// A block walks tiles blockIdx.x, + gridDim.x, ... (one block per SM, up to three
+// for the largest GEMVs), so the norm prologue runs once per block, not once per tile, and the
 // weights stream without a gap between tiles: every lane keeps kGemvStages steps
 // of its own weight vectors in flight through cp.async into shared memory, and
 // issues the first of them before griddepcontrol.wait, while the previous kernel

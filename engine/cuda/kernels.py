@@ -243,6 +243,8 @@ def gemv(
         tiles = math.ceil(pairs / ppt)
         if not (1 <= ksplit <= 8 and ppt * ksplit <= 256 and blocks >= 1):
             raise ValueError(f"gemv: bad tiling {tiling}")
+        if qk_norm and ppt != head_dim // 2:
+            raise ValueError(f"gemv: with a q/k norm a tile is one head ({head_dim // 2} pairs)")
     if epilogue == "logits":
         pm = _check(part_max, "part_max", torch.float32, (tiles,), dev)
         pi = _check(part_idx, "part_idx", torch.int32, (tiles,), dev)
