@@ -8,8 +8,8 @@
 // a long row (K = 8192) is read by several warps at once.
 //
 // A block walks tiles blockIdx.x, + gridDim.x, ... (one block per SM, up to three
-// for the largest GEMVs), so the norm prologue runs once per block, not once per tile, and the
-// weights stream without a gap between tiles: every lane keeps kGemvStages steps
+// for the largest GEMVs), so the norm prologue runs once per block, not once per
+// tile, and the weights stream without a gap between tiles: every lane keeps kGemvStages steps
 // of its own weight vectors in flight through cp.async into shared memory, and
 // issues the first of them before griddepcontrol.wait, while the previous kernel
 // still runs. A small GEMV (o_proj, qkv) is mostly in shared memory by the time
