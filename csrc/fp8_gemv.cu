@@ -26,13 +26,6 @@ int launch_fp8_gemv(Fp8GemvMulti& m, void* stream, int pdl) {
     items = max(items, p.pairs_per_tile * p.ksplit);
   }
   const int smem = fp8_gemv_smem_bytes(m.seg[0].k, sizeof(XT), items);
-  // The opt-in covers dynamic + static shared memory past 48 KiB; the norm
-  // prologue's scratch is static, so leave room for it.
-  if (smem > 47 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(fp8_gemv_kernel<XT>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return static_cast<int>(e);
-  }
   return launch(fp8_gemv_kernel<XT>, dim3(tiles), dim3(kFp8GemvThreads), smem, stream, pdl, m);
 }
 

@@ -63,7 +63,6 @@ int tilert_gemv(const void* w, const void* x, const void* norm_w, const void* bi
   if (blocks < 1) return static_cast<int>(cudaErrorInvalidValue);
   if (blocks > tiles) blocks = tiles;
   p.late_trigger = gemv_late_trigger(k, pairs, pairs_per_tile, blocks);
-  auto kernel = gemv_kernel;
   const int smem = gemv_smem_bytes(k, pairs_per_tile, ksplit);
   if (p.late_trigger) {
     // A large GEMV runs up to three blocks per SM, as many as shared memory
@@ -78,12 +77,7 @@ int tilert_gemv(const void* w, const void* x, const void* norm_w, const void* bi
     const int per = fit < 1 ? 1 : fit > 3 ? 3 : fit;
     blocks = blocks * per < tiles ? blocks * per : tiles;
   }
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return static_cast<int>(e);
-  }
-  return launch_co_resident(kernel, dim3(blocks), dim3(kGemvThreads), smem, stream, pdl, p);
+  return launch_co_resident(gemv_kernel, dim3(blocks), dim3(kGemvThreads), smem, stream, pdl, p);
 }
 
 int tilert_embed(const void* table, const int* ids, void* x, int hidden, void* stream, int pdl) {

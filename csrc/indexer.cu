@@ -43,9 +43,6 @@ int tilert_indexer_topk(const void* q, const void* keys, const float* w, const i
   p.topk = topk;
   p.scale = scale;
   const int smem = indexer_smem_bytes(heads, dim);
-  const cudaError_t e =
-      cudaFuncSetAttribute(indexer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (e != cudaSuccess) return static_cast<int>(e);
   return launch(indexer_kernel, dim3(blocks), dim3(kIdxThreads), smem, stream, pdl, p);
 }
 

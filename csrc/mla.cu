@@ -17,9 +17,6 @@ template <int kHPT>
 int launch_mla(const MlaParams& p, void* stream, int pdl) {
   constexpr int kG = mla_group<kHPT>();
   constexpr int smem = mla_smem_bytes<kHPT>();
-  const cudaError_t e =
-      cudaFuncSetAttribute(mla_kernel<kHPT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (e != cudaSuccess) return static_cast<int>(e);
   const dim3 grid((p.heads + kG - 1) / kG, p.splits);
   return launch(mla_kernel<kHPT>, grid, dim3(kMlaThreads), smem, stream, pdl, p);
 }
@@ -36,9 +33,6 @@ __global__ void __launch_bounds__(kWarp) mla_combine_kernel(const __grid_constan
 // Two launches when split: the attention, then the combine (both PDL-chained).
 int launch_mla_tc(const MlaParams& p, void* stream, int pdl) {
   constexpr int smem = mla_tc_smem_bytes();
-  cudaError_t e =
-      cudaFuncSetAttribute(mla_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (e != cudaSuccess) return static_cast<int>(e);
   const dim3 grid((p.heads + kTcHeads - 1) / kTcHeads, p.splits);
   int rc = launch(mla_tc_kernel, grid, dim3(kMlaThreads), smem, stream, pdl, p);
   if (rc != 0 || p.splits == 1) return rc;

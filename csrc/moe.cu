@@ -23,13 +23,6 @@ __global__ void __launch_bounds__(kMoeThreads, 3) moe_down_kernel(const __grid_c
   moe_down_tile(p, blockIdx.x, smem);
 }
 
-template <typename K>
-int raise_smem(K kernel, int smem) {
-  if (smem <= 48 * 1024) return 0;
-  return static_cast<int>(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-}
-
 MoeParams moe_params(const uint64_t* table, const int* ids, const float* weights, const void* x,
                      const void* residual, void* act, void* out, int hidden, int inter,
                      int shared_inter, int top_k, int n_experts, int pairs_per_tile, int ksplit,
@@ -82,12 +75,8 @@ int tilert_moe_router(const void* x, const void* gate_w, int gate_bf16, const fl
   p.scaling = scaling;
   const int smem = router_smem_bytes(n_experts);
   if (gate_bf16) {
-    int e = raise_smem(moe_router_kernel<bf16>, smem);
-    if (e) return e;
     return launch(moe_router_kernel<bf16>, dim3(n_experts), dim3(kRouterThreads), smem, stream, pdl, p);
   }
-  int e = raise_smem(moe_router_kernel<float>, smem);
-  if (e) return e;
   return launch(moe_router_kernel<float>, dim3(n_experts), dim3(kRouterThreads), smem, stream, pdl, p);
 }
 
@@ -99,8 +88,6 @@ int tilert_moe_gate_up(const uint64_t* table, const int* ids, const float* weigh
   const int slots = top_k + (shared_inter > 0 ? 1 : 0);
   const int rows = inter > shared_inter ? inter : shared_inter;
   const int smem = moe_gate_up_smem_bytes(hidden, pairs_per_tile, ksplit);
-  const int e = raise_smem(moe_gate_up_kernel, smem);
-  if (e) return e;
   return launch(moe_gate_up_kernel, dim3((rows + pairs_per_tile - 1) / pairs_per_tile, slots),
                 dim3(kMoeThreads), smem, stream, pdl, p);
 }
@@ -113,8 +100,6 @@ int tilert_moe_down(const uint64_t* table, const int* ids, const float* weights,
                                  down_pairs_per_tile);
   const int slots = top_k + (shared_inter > 0 ? 1 : 0);
   const int smem = moe_down_smem_bytes(top_k * inter + shared_inter, slots, down_pairs_per_tile);
-  const int e = raise_smem(moe_down_kernel, smem);
-  if (e) return e;
   const int pairs = (hidden + 1) / 2;
   return launch(moe_down_kernel, dim3((pairs + down_pairs_per_tile - 1) / down_pairs_per_tile),
                 dim3(kMoeThreads), smem, stream, pdl, p);
