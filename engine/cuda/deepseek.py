@@ -13,7 +13,16 @@ from collections.abc import Sequence
 import torch
 
 from tilert.engine.cuda import kernels
-from tilert.engine.cuda.kernels import _F, _I, _P, Launch, _check, _fp8_weight, fp8_gemv_tiling
+from tilert.engine.cuda.kernels import (
+    _F,
+    _I,
+    _P,
+    Launch,
+    _check,
+    _fp8_weight,
+    fp8_gemv_tiling,
+    sm_count,
+)
 
 _SIGNATURES = {
     "tilert_rmsnorm": [_P, _P, _P, _I, _F, _P, _I],
@@ -80,7 +89,7 @@ def fp8_gemv_multi(
         (ctypes.c_void_p * count)(*outs),
         (ctypes.c_int * count)(*ns),
     )
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    sms = sm_count(dev)
     ppt, ksplit, chunk = fp8_gemv_tiling(k, sum(ns), sms)
     if norm_out is not None and norm is None:
         raise ValueError("fp8_gemv_multi: norm_out without norm")

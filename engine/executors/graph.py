@@ -113,10 +113,7 @@ class GraphExecutor:
         else:
             self.launches = self._lower(m.decode)
         # The same step with its sampler writing the other pinned slot.
-        pick = self.launches[-1]
-        assert pick.name == "sample"
-        other = kernels.sample(*pick.keep[:5], self._token_host[1:2])
-        self._variants = [self.launches, [*self.launches[:-1], other]]
+        self._variants = [self.launches, [*self.launches[:-1], self._pick_other]]
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         t = self.bufs.get(name)
@@ -235,7 +232,7 @@ class GraphExecutor:
         heads, d = q.shape
         k_cache, v_cache = self._ref.caches[a["k_cache"]], self._ref.caches[a["v_cache"]]
         if self._attn_ws is None:  # layers run one after another: one workspace serves all
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            sms = kernels.sm_count(self.device)
             splits = kernels.attention_splits(self.model.context_length, a["kv_heads"], sms)
             self._attn_ws = kernels.AttentionWorkspace.make(
                 heads, a["kv_heads"], d, splits, self.device
@@ -264,10 +261,16 @@ class GraphExecutor:
             eps=float(norm.attrs["eps"]) if norm is not None else 1e-6,
         )
         head.ops = tuple(o for o in (norm, op) if o is not None)
-        pick = kernels.sample(
-            logits, part_max, part_idx, self._cfg, self._ids, self._token_host[0:1]
-        )
-        return [head, pick]
+        # One sampler per pinned token slot; the step's launches end with the
+        # first, and the second makes the variant that decode_tokens alternates.
+        picks = [
+            kernels.sample(
+                logits, part_max, part_idx, self._cfg, self._ids, self._token_host[i : i + 1]
+            )
+            for i in (0, 1)
+        ]
+        self._pick_other = picks[1]
+        return [head, picks[0]]
 
     # ------------------------------------------------------------ running
     def _stage(self, token: int | None, config: bytes) -> None:

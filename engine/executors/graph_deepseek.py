@@ -70,7 +70,7 @@ class DeepSeekLowering:
         self.v = int(c["v_head_dim"])
         self.lora = int(c["kv_lora_rank"])  # GraphExecutor checked it: graph_unsupported
         dev = ex.device
-        self.sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        self.sms = kernels.sm_count(dev)
         self.positions = ex.model.context_length
         self.mla_ws: kernels.MlaWorkspace | None = None
         self.router_ws: kernels.RouterWorkspace | None = None
