@@ -68,6 +68,11 @@ for b in ${BENCHES-decode deepseek}; do
     # Marginal cost of each launch kind inside the PDL step (Llama-3.2-1B geometry).
     marginal) step bench_marginal "$BENCH_TIMEOUT" bash -c "cd benchmarks && python3 bench_marginal.py \
       --json $OUT/bench_marginal.json" ;;
+    # Per-block timeline of the Llama-3.2-1B / SmolLM2 step and the GEMV L2-prefetch sweep.
+    trace) step bench_trace "$BENCH_TIMEOUT" bash -c "cd benchmarks && python3 bench_trace.py \
+      --json $OUT/bench_trace.json ${TRACE_ARGS:-}" ;;
+    trace_smollm) step bench_trace_smollm "$BENCH_TIMEOUT" bash -c "cd benchmarks && python3 \
+      bench_trace.py --workload smollm2-135m --json $OUT/bench_trace_smollm.json ${TRACE_ARGS:-}" ;;
     # The MoE block and FP8 GEMVs alone (tilings).
     moe) step bench_deepseek_layer "$BENCH_TIMEOUT" python3 benchmarks/bench_deepseek_layer.py \
       --json "$OUT/bench_deepseek_layer.json" ;;
@@ -85,6 +90,7 @@ done
 [ -f "$OUT/bench.log" ] && sed -n '/^NVIDIA\|^H100\|^H200\|GB\/s (read/,$p' "$OUT/bench.log" | tail -n 20
 [ -f "$OUT/bench_deepseek.log" ] && sed -n "/copy bandwidth/,\$p" "$OUT/bench_deepseek.log"
 [ -f "$OUT/bench_marginal.log" ] && sed -n "/context/,\$p" "$OUT/bench_marginal.log"
+for f in "$OUT"/bench_trace*.log; do [ -f "$f" ] && sed -n "/context/,\$p" "$f"; done
 # A device run returns at most 8 files: the logs travel as one archive.
 (cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tgz ./*.log && rm -f ./*.log)
 true  # the run's outcome is in the summary above, not in the last test of a listing

@@ -54,6 +54,7 @@ int tilert_attention(const void* q, const void* k_cache, const void* v_cache, vo
   p.splits = splits;
   p.scale = scale;
   if (splits < 1 || splits > kMaxAttnSplits) return static_cast<int>(cudaErrorInvalidValue);
+  p.trace = trace_next_launch();
   const int group = heads / kv_heads;
   if (head_dim == 64) return launch_attention<64>(p, group, stream, pdl);
   if (head_dim == 128) return launch_attention<128>(p, group, stream, pdl);

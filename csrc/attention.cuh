@@ -16,6 +16,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "trace.cuh"
 
 namespace tilert {
 
@@ -30,6 +31,7 @@ struct AttnParams {
   int* tickets;         // [kv_heads], zero between launches (the merging block resets it)
   int heads, kv_heads, splits;
   float scale;          // softmax scale, 1/sqrt(D) for Llama
+  TraceRef trace;
 };
 
 constexpr int kAttnThreads = 128;
@@ -61,11 +63,13 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   constexpr int kT = kAttnStaged<kD>;
   __shared__ __align__(16) bf16 s_k[kT * kD], s_v[kT * kD];
 
+  trace_mark(p.trace, 0);
   const int pos = *p.pos;  // copied in before the step, not by the previous kernel
   const int len = pos + 1;
   const int splits = min(p.splits, (len + kT - 1) / kT);
   if (split >= splits) {
     pdl_launch_dependents();
+    trace_flush(p.trace);
     return;
   }
   const int chunk = (len + splits - 1) / splits;
@@ -88,6 +92,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   stage(beg, max(beg, min(first_end, pos)));
   pdl_launch_dependents();
   pdl_wait();
+  trace_mark(p.trace, 1);
   if (pos >= beg && pos < first_end && threadIdx.x < kLanesPerPos) {
     const int r = pos - beg, c = threadIdx.x * 8;
     const size_t src = (size_t)pos * stride + (size_t)kvh * kD + c;
@@ -217,14 +222,21 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       }
     }
   }
-  if (splits == 1) return;
+  trace_mark(p.trace, 2);
+  if (splits == 1) {
+    trace_flush(p.trace);
+    return;
+  }
 
   // Last split of this kv head to arrive merges all splits.
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) s_last = atomicAdd(&p.tickets[kvh], 1) == splits - 1;
   __syncthreads();
-  if (!s_last) return;
+  if (!s_last) {
+    trace_flush(p.trace);
+    return;
+  }
   __threadfence();
   // NOTES: the merge must not walk the splits one dependent L2 round trip at a
   // time (that cost ~0.7 us per split, tens of us per layer). Each head's weights
@@ -258,6 +270,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     p.out[(size_t)h * kD + d] = __float2bfloat16(oo * s_inv[g]);
   }
   if (threadIdx.x == 0) p.tickets[kvh] = 0;  // ready for the next launch (graph replay)
+  trace_flush(p.trace);
 }
 
 }  // namespace tilert

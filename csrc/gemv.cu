@@ -6,6 +6,30 @@
 
 namespace tilert {
 
+namespace {
+TraceRef g_trace = {nullptr, nullptr, 0, 0};
+}  // namespace
+
+TraceRef trace_next_launch() {
+  TraceRef r = g_trace;
+  if (g_trace.buf != nullptr) ++g_trace.launch;
+  return r;
+}
+
+// Bytes a GEMV launch prefetches into L2 before its wait, for GEMVs that
+// trigger late / early (tilert_gemv_set_l2_budget changes them for later launches).
+constexpr double kL2LateBytes = 0.0, kL2EarlyBytes = 0.0;
+double g_l2_late_bytes = kL2LateBytes, g_l2_early_bytes = kL2EarlyBytes;
+
+// Items of each warp to prefetch into L2 before the wait: the launch's budget
+// shared by its warps.
+int gemv_l2_items(int k, int ksplit, int blocks, bool late) {
+  const double budget = late ? g_l2_late_bytes : g_l2_early_bytes;
+  const int nvec = k / 8, chunk = (nvec + ksplit - 1) / ksplit;
+  const double item = 2.0 * chunk * 16;
+  return static_cast<int>(budget / ((double)blocks * (kGemvThreads / kWarp) * item));
+}
+
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constant__ GemvParams p) {
   extern __shared__ __align__(16) char smem[];
   gemv_block(p, smem);
@@ -77,6 +101,8 @@ int tilert_gemv(const void* w, const void* x, const void* norm_w, const void* bi
     const int per = fit < 1 ? 1 : fit > 3 ? 3 : fit;
     blocks = blocks * per < tiles ? blocks * per : tiles;
   }
+  p.l2_items = gemv_l2_items(k, ksplit, blocks, p.late_trigger);
+  p.trace = trace_next_launch();
   return launch_co_resident(gemv_kernel, dim3(blocks), dim3(kGemvThreads), smem, stream, pdl, p);
 }
 
@@ -84,6 +110,27 @@ int tilert_embed(const void* table, const int* ids, void* x, int hidden, void* s
   return launch_co_resident(embed_kernel, dim3(1), dim3(256), 0, stream, pdl,
                             static_cast<const bf16*>(table), ids, static_cast<bf16*>(x), hidden);
 }
+
+// Arms the timeline (csrc/trace.cuh) with a device buffer of `cap` records and
+// a device counter, or disarms it (cap 0); returns the launch numbers taken so
+// far and restarts them.
+int tilert_trace_arm(void* buf, void* next, int cap) {
+  const int taken = g_trace.launch;
+  g_trace = {cap > 0 ? static_cast<unsigned long long*>(buf) : nullptr, static_cast<int*>(next),
+             cap, 0};
+  return taken;
+}
+
+// L2 prefetch budgets (bytes) of GEMV launches made from now on; a negative
+// budget restores the default.
+int tilert_gemv_set_l2_budget(double late_bytes, double early_bytes) {
+  g_l2_late_bytes = late_bytes < 0 ? kL2LateBytes : late_bytes;
+  g_l2_early_bytes = early_bytes < 0 ? kL2EarlyBytes : early_bytes;
+  return 0;
+}
+
+// Launch numbers taken since the timeline was armed.
+int tilert_trace_launches() { return g_trace.launch; }
 
 int tilert_gemv_tiles(int pairs, int pairs_per_tile) {
   return (pairs + pairs_per_tile - 1) / pairs_per_tile;

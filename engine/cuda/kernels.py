@@ -41,6 +41,9 @@ _SIGNATURES = {
     "tilert_sample_config_offsets": [ctypes.POINTER(ctypes.c_int), _I],
     "tilert_host_device_pointer": [_P, ctypes.POINTER(ctypes.c_void_p)],
     "tilert_error_string": [_I],
+    "tilert_trace_arm": [_P, _P, _I],
+    "tilert_trace_launches": [],
+    "tilert_gemv_set_l2_budget": [ctypes.c_double, ctypes.c_double],
 }
 _lib: ctypes.CDLL | None = None
 

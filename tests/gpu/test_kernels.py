@@ -108,6 +108,65 @@ def test_gemv_tilings(tiling, epilogue):
         assert torch.equal(out, first)
 
 
+@pytest.mark.parametrize("tiling", [(8, 1, 3), (4, 2, 5), (2, 4, 1), (1, 8, 7), (3, 3, 2)])
+@pytest.mark.parametrize("budget", [3e4, 1e9])
+def test_gemv_l2_prefetch(tiling, budget):
+    """Bulk L2 prefetches before the wait (a small budget: part of each warp's
+    stream; a huge one: every warp walks to its stream's end) leave the result
+    as it was; a bad address or size would fault the launch."""
+    n, k = 1030, 2056
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF)
+    x = torch.randn(k, device=DEV).to(BF)
+    r = torch.randn(n, device=DEV).to(BF)
+    ref = torch.full((n,), float("nan"), device=DEV, dtype=BF)
+    kernels.gemv(w, x, ref, residual=r, tiling=tiling)()
+    lib = kernels.lib()
+    lib.tilert_gemv_set_l2_budget(budget, budget)
+    try:
+        out = torch.full((n,), float("nan"), device=DEV, dtype=BF)
+        launch = kernels.gemv(w, x, out, residual=r, tiling=tiling)
+    finally:
+        lib.tilert_gemv_set_l2_budget(-1.0, -1.0)
+    launch()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+    close_bf16(out, (r.float() + (w.float() @ x.float())).to(BF), f"gemv l2 {tiling}")
+
+
+def test_trace_records_each_block():
+    """Armed, each GEMV / attention launch takes the next number and each of its
+    blocks writes one record of ordered marks; disarmed, nothing is written."""
+    lib = kernels.lib()
+    buf = torch.full((64, 6), -1, dtype=torch.int64, device=DEV)
+    nxt = torch.zeros(1, dtype=torch.int32, device=DEV)
+    n, k = 96, 512
+    w = torch.randn(n, k, device=DEV).to(BF)
+    x = torch.randn(k, device=DEV).to(BF)
+    out = torch.empty(n, device=DEV, dtype=BF)
+    lib.tilert_trace_arm(buf.data_ptr(), nxt.data_ptr(), buf.shape[0])
+    try:
+        first = kernels.gemv(w, x, out, tiling=(8, 1, 3))
+        second = kernels.gemv(w, x, out, tiling=(4, 1, 5))
+        assert lib.tilert_trace_launches() == 2
+    finally:
+        assert lib.tilert_trace_arm(None, None, 0) == 2
+    untraced = kernels.gemv(w, x, out, tiling=(8, 1, 3))
+    first()
+    second()
+    untraced()
+    torch.cuda.synchronize()
+    assert int(nxt.item()) == 3 + 5
+    rec = buf[:8].cpu()
+    assert sorted(rec[:, 4].tolist()) == [0] * 3 + [1] * 5
+    for launch, blocks in ((0, 3), (1, 5)):
+        r = rec[rec[:, 4] == launch]
+        assert sorted((r[:, 5] & 0xFFFFFFFF).tolist()) == list(range(blocks))
+        assert ((r[:, 5] >> 32) < torch.cuda.get_device_properties(DEV).multi_processor_count).all()
+        marks = r[:, :4]
+        assert (marks > 0).all() and (marks[:, 1:] >= marks[:, :-1]).all()
+    assert (buf[8:] == -1).all()
+
+
 def test_gemv_store_residual_in_place():
     n, k = 2048, 2048
     w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF)

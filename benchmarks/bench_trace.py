@@ -1,0 +1,256 @@
+"""Where the captured decode step waits: a per-block timeline, and the step's
+device time under GEMV L2-prefetch budgets.
+
+Method: one graph executor at a workload's geometry (random bf16 weights,
+`--context` positions filled), its step's launches captured into a CUDA graph
+with programmatic dependent launch as the executor does. Timeline: the GEMV and
+attention launches are captured with the trace armed (csrc/trace.cuh); after
+warm-up replays, each of `--traces` replays writes one record per block
+(%globaltimer at start, after griddepcontrol.wait, after the input is staged /
+the attention compute, at exit). Per launch: first start, first wait release,
+last exit. Per kind, averaged over the middle layers and the traced replays:
+  inc   last exit minus the previous launch's last exit (the step's critical
+        path is the sum of these),
+  rel   first wait release minus the previous launch's last exit,
+  post  last exit minus the first wait release,
+  lead  first wait release minus first start (time spent resident before it),
+  late  last block start minus the previous launch's last exit (> 0: some
+        blocks could not start before their input was ready).
+Sweep: for each (late, early) budget in MB the step is recaptured untraced and
+replayed back to back (median of 5 batches of 100 replays).
+Prints tables; --json writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+import numpy as np
+import torch
+from bench_decode import WORKLOADS, random_source  # beside this script
+
+from tilert.engine.cuda import kernels
+from tilert.engine.executors.graph import GraphExecutor
+from tilert.engine.models.llama import describe
+
+WORDS = 6  # csrc/trace.cuh kTraceWords
+
+
+def label(la) -> str:
+    """The op a launch computes, without its layer: qkv, attn, o_proj, gate_up, down, ..."""
+    for op in la.ops:
+        if op.kind in ("linear", "gqa_attention", "lm_head"):
+            return op.name.split(".")[-1]
+    return la.name
+
+
+def capture(launches, traced: bool, buf=None, nxt=None):
+    """A CUDA graph of the launches (PDL on); with `traced`, the GEMV and
+    attention launches take launch numbers, returned as their names in order."""
+    lib = kernels.lib()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for la in launches:
+            la(side.cuda_stream, pdl=True)
+    torch.cuda.current_stream().wait_stream(side)
+    names: list[str] = []
+    if traced:
+        lib.tilert_trace_arm(buf.data_ptr(), nxt.data_ptr(), buf.shape[0])
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            s = torch.cuda.current_stream().cuda_stream
+            for la in launches:
+                before = lib.tilert_trace_launches()
+                la(s, pdl=True)
+                if lib.tilert_trace_launches() > before:
+                    names.append(label(la))
+    finally:
+        lib.tilert_trace_arm(None, None, 0)
+    return graph, names
+
+
+def replay_ms(graph, n: int = 100, batches: int = 5) -> float:
+    for _ in range(10):
+        graph.replay()
+    times = []
+    for _ in range(batches):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / n)
+    return statistics.median(times)
+
+
+def launch_spans(rec: np.ndarray, count: int) -> list[dict]:
+    """Per launch number: first start, first/last wait release, last exit (ns), blocks."""
+    spans = []
+    for i in range(count):
+        r = rec[rec[:, 4] == i]
+        waits = r[r[:, 1] > 0, 1]
+        spans.append(
+            {
+                "start": int(r[:, 0].min()),
+                "last_start": int(r[:, 0].max()),
+                "wait": int(waits.min()) if len(waits) else 0,
+                "end": int(r[:, 3].max()),
+                "blocks": len(r),
+            }
+        )
+    return spans
+
+
+def kind_of(name: str, seen: dict) -> tuple[str, int]:
+    layer = seen[name]
+    seen[name] += 1
+    return name, layer
+
+
+def analyze(traces: list[list[dict]], names: list[str], layers: int) -> tuple[list, list]:
+    """Per-kind averages over the middle layers, and one middle layer's timeline (us)."""
+    seen: dict = defaultdict(int)
+    tags = [kind_of(n, seen) for n in names]
+    per_kind: dict = defaultdict(lambda: defaultdict(list))
+    for spans in traces:
+        for i in range(1, len(spans)):
+            kind, layer = tags[i]
+            if not (1 <= layer <= layers - 2) and seen[kind] > 1:
+                continue
+            prev_end = spans[i - 1]["end"]
+            s = spans[i]
+            d = per_kind[kind]
+            d["inc"].append(s["end"] - prev_end)
+            d["rel"].append(s["wait"] - prev_end)
+            d["post"].append(s["end"] - s["wait"])
+            d["lead"].append(s["wait"] - s["start"])
+            d["late"].append(s["last_start"] - prev_end)
+            d["blocks"].append(s["blocks"])
+    kinds = []
+    for kind, d in per_kind.items():
+        row = {"kind": kind, "count": len(d["inc"]) // max(1, len(traces))}
+        for key in ("inc", "rel", "post", "lead", "late"):
+            row[key] = statistics.median(d[key]) / 1e3
+        row["blocks"] = int(statistics.median(d["blocks"]))
+        kinds.append(row)
+    mid = layers // 2
+    spans = traces[len(traces) // 2]
+    idx = [i for i, (_, layer) in enumerate(tags) if layer == mid and seen[tags[i][0]] > 1]
+    t0 = spans[idx[0]]["start"] if idx else 0
+    timeline = [
+        {
+            "launch": tags[i][0],
+            "start": (spans[i]["start"] - t0) / 1e3,
+            "last_start": (spans[i]["last_start"] - t0) / 1e3,
+            "wait": (spans[i]["wait"] - t0) / 1e3,
+            "end": (spans[i]["end"] - t0) / 1e3,
+            "blocks": spans[i]["blocks"],
+        }
+        for i in idx
+    ]
+    return kinds, timeline
+
+
+def trace_step(launches, layers: int, count: int) -> tuple[list, list, float]:
+    cap = 64 * 1024
+    buf = torch.zeros(cap, WORDS, dtype=torch.int64, device="cuda")
+    nxt = torch.zeros(1, dtype=torch.int32, device="cuda")
+    graph, names = capture(launches, True, buf, nxt)
+    for _ in range(20):
+        graph.replay()
+    traces, totals = [], []
+    for _ in range(count):
+        nxt.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        n = min(int(nxt.item()), cap)
+        rec = buf[:n].cpu().numpy()
+        spans = launch_spans(rec, len(names))
+        traces.append(spans)
+        totals.append((spans[-1]["end"] - spans[0]["start"]) / 1e3)
+    kinds, timeline = analyze(traces, names, layers)
+    return kinds, timeline, statistics.median(totals)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", default="llama-3.2-1b")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--traces", type=int, default=9)
+    ap.add_argument(
+        "--sweep", default="0,0 8,0 16,0 24,0 32,0 16,8 16,16", help="late,early MB budgets"
+    )
+    ap.add_argument("--trace-budgets", default="0,0", help="budgets to trace (late,early MB)")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    cfg = dict(WORKLOADS[args.workload])
+    cfg["max_position_embeddings"] = args.context + 64
+    model = describe(cfg)
+    src, _ = random_source(cfg, "cuda")
+    ex = GraphExecutor(model, src, device="cuda")
+    ex.prefill([i % model.vocab_size for i in range(args.context)])
+    ex.decode(1)  # stages a step (position = context)
+    launches = ex.launches
+    lib = kernels.lib()
+    layers = cfg["num_hidden_layers"]
+    out: dict = {"device": torch.cuda.get_device_name(0), "workload": args.workload}
+    print(f"{out['device']}, {args.workload}, context {args.context}")
+
+    sweep = []
+    for item in args.sweep.split():
+        late, early = (float(v) for v in item.split(","))
+        lib.tilert_gemv_set_l2_budget(late * 1e6, early * 1e6)
+        graph, _ = capture(launches, False)
+        sweep.append({"late_mb": late, "early_mb": early, "ms": replay_ms(graph)})
+        del graph
+    out["sweep"] = sweep
+    print(f"{'L2 late MB':>10} {'early MB':>9} {'step ms':>9}")
+    for r in sweep:
+        print(f"{r['late_mb']:>10.0f} {r['early_mb']:>9.0f} {r['ms']:>9.4f}")
+
+    out["traces"] = []
+    for item in args.trace_budgets.split():
+        late, early = (float(v) for v in item.split(","))
+        lib.tilert_gemv_set_l2_budget(late * 1e6, early * 1e6)
+        kinds, timeline, total = trace_step(launches, layers, args.traces)
+        out["traces"].append(
+            {"late_mb": late, "early_mb": early, "kinds": kinds, "timeline": timeline}
+        )
+        print(
+            f"\ntimeline, L2 budget late {late:.0f} MB early {early:.0f} MB: "
+            f"traced span {total:.1f} us (first GEMV start to LM head exit)"
+        )
+        print(
+            f"{'kind':<18} {'n':>3} {'blocks':>6} {'inc':>7} {'rel':>7} {'post':>7} "
+            f"{'lead':>7} {'late':>7}   (us, medians)"
+        )
+        for r in kinds:
+            print(
+                f"{r['kind']:<18} {r['count']:>3} {r['blocks']:>6} {r['inc']:>7.2f} "
+                f"{r['rel']:>7.2f} {r['post']:>7.2f} {r['lead']:>7.2f} {r['late']:>7.2f}"
+            )
+        print(
+            f"layer {layers // 2}: {'launch':<18} {'start':>7} {'lastst':>7} {'wait':>7} {'end':>7}"
+        )
+        for r in timeline:
+            print(
+                f"{'':9}{r['launch']:<18} {r['start']:>7.2f} {r['last_start']:>7.2f} "
+                f"{r['wait']:>7.2f} {r['end']:>7.2f}"
+            )
+    lib.tilert_gemv_set_l2_budget(0.0, 0.0)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f)
+    print("command: python " + " ".join(sys.argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
