@@ -6,8 +6,8 @@ Method: one graph executor at a workload's geometry (random bf16 weights,
 with programmatic dependent launch as the executor does. Timeline: the GEMV and
 attention launches are captured with the trace armed (csrc/trace.cuh); after
 warm-up replays, each of `--traces` replays writes one record per block
-(%globaltimer at start, after griddepcontrol.wait, after the input is staged /
-the attention compute, at exit). Per launch: first start, first wait release,
+(%globaltimer at start, after griddepcontrol.wait, two points of the kernel's
+own, at exit: csrc/trace.cuh). Per launch: first start, first wait release,
 last exit. Per kind, averaged over the middle layers and the traced replays:
   inc   last exit minus the previous launch's last exit (the step's critical
         path is the sum of these),
@@ -16,9 +16,12 @@ last exit. Per kind, averaged over the middle layers and the traced replays:
   lead  first wait release minus first start (time spent resident before it),
   late  last block start minus the previous launch's last exit (> 0: some
         blocks could not start before their input was ready).
-Sweep: for each (late, early) budget in MB the step is recaptured untraced and
-replayed back to back (median of 5 batches of 100 replays).
-Prints tables; --json writes them.
+Sweep: for each GEMV L2 prefetch setting (late-trigger GEMVs' budget in MB,
+rings beyond the first that an early GEMV prefetches whole: csrc/gemv.cu
+gemv_l2_items) the step is recaptured untraced and replayed back to back
+(median of 5 batches of 100 replays).
+Prints tables; --json writes them, --raw the records of one traced replay
+(numpy .npz: records [n, 7] int64 and the launch names).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from tilert.engine.cuda import kernels
 from tilert.engine.executors.graph import GraphExecutor
 from tilert.engine.models.llama import describe
 
-WORDS = 6  # csrc/trace.cuh kTraceWords
+WORDS = 7  # csrc/trace.cuh kTraceWords: 5 marks, launch number, SM << 32 | block
 
 
 def label(la) -> str:
@@ -94,14 +97,14 @@ def launch_spans(rec: np.ndarray, count: int) -> list[dict]:
     """Per launch number: first start, first/last wait release, last exit (ns), blocks."""
     spans = []
     for i in range(count):
-        r = rec[rec[:, 4] == i]
+        r = rec[rec[:, 5] == i]
         waits = r[r[:, 1] > 0, 1]
         spans.append(
             {
                 "start": int(r[:, 0].min()),
                 "last_start": int(r[:, 0].max()),
                 "wait": int(waits.min()) if len(waits) else 0,
-                "end": int(r[:, 3].max()),
+                "end": int(r[:, 4].max()),
                 "blocks": len(r),
             }
         )
@@ -158,7 +161,7 @@ def analyze(traces: list[list[dict]], names: list[str], layers: int) -> tuple[li
     return kinds, timeline
 
 
-def trace_step(launches, layers: int, count: int) -> tuple[list, list, float]:
+def trace_step(launches, layers: int, count: int, raw: str = "") -> tuple[list, list, float]:
     cap = 64 * 1024
     buf = torch.zeros(cap, WORDS, dtype=torch.int64, device="cuda")
     nxt = torch.zeros(1, dtype=torch.int32, device="cuda")
@@ -174,6 +177,8 @@ def trace_step(launches, layers: int, count: int) -> tuple[list, list, float]:
         rec = buf[:n].cpu().numpy()
         spans = launch_spans(rec, len(names))
         traces.append(spans)
+        if raw and len(traces) == count // 2 + 1:
+            np.savez_compressed(raw, records=rec, names=np.array(names))
         totals.append((spans[-1]["end"] - spans[0]["start"]) / 1e3)
     kinds, timeline = analyze(traces, names, layers)
     return kinds, timeline, statistics.median(totals)
@@ -184,11 +189,10 @@ def main() -> int:
     ap.add_argument("--workload", default="llama-3.2-1b")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--traces", type=int, default=9)
-    ap.add_argument(
-        "--sweep", default="0,0 8,0 16,0 24,0 32,0 16,8 16,16", help="late,early MB budgets"
-    )
-    ap.add_argument("--trace-budgets", default="0,0", help="budgets to trace (late,early MB)")
+    ap.add_argument("--sweep", default="0,1 0,0 0,4 32,1", help="late MB,rest rings settings")
+    ap.add_argument("--trace-budgets", default="0,1", help="settings to trace (late MB,rest rings)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--raw", default="", help="records of one traced replay (.npz)")
     args = ap.parse_args()
     cfg = dict(WORKLOADS[args.workload])
     cfg["max_position_embeddings"] = args.context + 64
@@ -206,25 +210,26 @@ def main() -> int:
     sweep = []
     for item in args.sweep.split():
         late, early = (float(v) for v in item.split(","))
-        lib.tilert_gemv_set_l2_budget(late * 1e6, early * 1e6)
+        lib.tilert_gemv_set_l2_prefetch(late * 1e6, early)
         graph, _ = capture(launches, False)
-        sweep.append({"late_mb": late, "early_mb": early, "ms": replay_ms(graph)})
+        sweep.append({"late_mb": late, "rest_rings": early, "ms": replay_ms(graph)})
         del graph
     out["sweep"] = sweep
-    print(f"{'L2 late MB':>10} {'early MB':>9} {'step ms':>9}")
+    print(f"{'L2 late MB':>10} {'rest rings':>10} {'step ms':>9}")
     for r in sweep:
-        print(f"{r['late_mb']:>10.0f} {r['early_mb']:>9.0f} {r['ms']:>9.4f}")
+        print(f"{r['late_mb']:>10.0f} {r['rest_rings']:>10g} {r['ms']:>9.4f}")
 
     out["traces"] = []
     for item in args.trace_budgets.split():
         late, early = (float(v) for v in item.split(","))
-        lib.tilert_gemv_set_l2_budget(late * 1e6, early * 1e6)
-        kinds, timeline, total = trace_step(launches, layers, args.traces)
+        lib.tilert_gemv_set_l2_prefetch(late * 1e6, early)
+        raw = f"{args.raw.removesuffix('.npz')}_{late:g}_{early:g}.npz" if args.raw else ""
+        kinds, timeline, total = trace_step(launches, layers, args.traces, raw)
         out["traces"].append(
-            {"late_mb": late, "early_mb": early, "kinds": kinds, "timeline": timeline}
+            {"late_mb": late, "rest_rings": early, "kinds": kinds, "timeline": timeline}
         )
         print(
-            f"\ntimeline, L2 budget late {late:.0f} MB early {early:.0f} MB: "
+            f"\ntimeline, L2 prefetch late {late:.0f} MB, rest rings {early:g}: "
             f"traced span {total:.1f} us (first GEMV start to LM head exit)"
         )
         print(
@@ -244,7 +249,7 @@ def main() -> int:
                 f"{'':9}{r['launch']:<18} {r['start']:>7.2f} {r['last_start']:>7.2f} "
                 f"{r['wait']:>7.2f} {r['end']:>7.2f}"
             )
-    lib.tilert_gemv_set_l2_budget(0.0, 0.0)
+    lib.tilert_gemv_set_l2_prefetch(-1.0, -1.0)  # the defaults
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)

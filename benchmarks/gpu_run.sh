@@ -70,9 +70,9 @@ for b in ${BENCHES-decode deepseek}; do
       --json $OUT/bench_marginal.json" ;;
     # Per-block timeline of the Llama-3.2-1B / SmolLM2 step and the GEMV L2-prefetch sweep.
     trace) step bench_trace "$BENCH_TIMEOUT" bash -c "cd benchmarks && python3 bench_trace.py \
-      --json $OUT/bench_trace.json ${TRACE_ARGS:-}" ;;
+      --json $OUT/bench_trace.json --raw $OUT/trace_llama.npz ${TRACE_ARGS:-}" ;;
     trace_smollm) step bench_trace_smollm "$BENCH_TIMEOUT" bash -c "cd benchmarks && python3 \
-      bench_trace.py --workload smollm2-135m --json $OUT/bench_trace_smollm.json ${TRACE_ARGS:-}" ;;
+      bench_trace.py --workload smollm2-135m --json $OUT/bench_trace_smollm.json --raw $OUT/trace_smollm.npz ${TRACE_ARGS:-}" ;;
     # The MoE block and FP8 GEMVs alone (tilings).
     moe) step bench_deepseek_layer "$BENCH_TIMEOUT" python3 benchmarks/bench_deepseek_layer.py \
       --json "$OUT/bench_deepseek_layer.json" ;;

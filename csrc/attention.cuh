@@ -9,7 +9,9 @@
 // the current position's row does, written by the QKV GEMV), and the position
 // itself is copied in before the step: a block stages the first kAttnStaged
 // positions of its slice into shared memory before griddepcontrol.wait (and
-// the rest, if any, in rounds of kAttnStaged after it). The launch has
+// the rest, if any, in rounds of kAttnStaged after it). After the wait the
+// block's critical path is a few L2 round trips (q and the current row; the
+// partial results, a ticket; the merge) around phases of shared-memory work. The launch has
 // `splits` blocks per kv head, but only as many take part as the current
 // length needs (kAttnStaged positions each): a short context does not pay for
 // merging empty splits.
@@ -34,34 +36,44 @@ struct AttnParams {
   TraceRef trace;
 };
 
-constexpr int kAttnThreads = 128;
+constexpr int kAttnThreads = 256;
 constexpr int kMaxAttnSplits = 256;  // the host never asks for more
 constexpr int kAttnWarps = kAttnThreads / kWarp;
-// Positions of a split staged in shared memory (16 KB of K and V rows).
+// Positions of a split staged in shared memory per round (32 KB of K and V rows).
 template <int kD>
-constexpr int kAttnStaged = 8192 / (kD * 2);
+constexpr int kAttnStaged = 16384 / (kD * 2);
+// Splits the merging block reads per round of loads (all in flight at once).
+constexpr int kAttnMergeChunk = 16;
 
-// Online-softmax state merge: (m, l, o) with m in log2 units.
-__device__ __forceinline__ void softmax_merge(float& m, float& l, float* o, float m2, float l2,
-                                              const float* o2) {
-  const float mn = fmaxf(m, m2);
-  const float c1 = m == -INFINITY ? 0.f : exp2f(m - mn);
-  const float c2 = m2 == -INFINITY ? 0.f : exp2f(m2 - mn);
-  l = l * c1 + l2 * c2;
-#pragma unroll
-  for (int e = 0; e < 8; ++e) o[e] = o[e] * c1 + o2[e] * c2;
-  m = mn;
-}
+// The work on a round of staged rows runs in three phases over all threads,
+// none of them a serial chain of shuffles:
+//   scores   s[g][t] = q[g] . K[t] in log2 units, one (head, row) a thread;
+//   softmax  one warp a head: the round's max, p = exp2(s - m) in place, the
+//            running (m, l) and the factor c that rescales earlier rounds;
+//   values   o[g][d, d+1] = o * c + sum_t p[g][t] V[t][d, d+1], one (head,
+//            dimension pair) a thread, the rows cut into `kParts` when there
+//            are fewer pairs than threads.
+template <int kD, int kG>
+struct AttnShape {
+  static constexpr int kT = kAttnStaged<kD>;
+  static constexpr int kChunks = kD / 8;      // 16-byte pieces of a row
+  static constexpr int kPairs = kG * kD / 2;  // (head, dimension pair)s of the output
+  static constexpr int kPer = (kPairs + kAttnThreads - 1) / kAttnThreads;  // pairs a thread
+  static constexpr int kParts =
+      kPairs >= kAttnThreads ? 1 : (kAttnThreads / kPairs > 4 ? 4 : kAttnThreads / kPairs);
+  static constexpr int kSpan = kParts > 1 ? kPairs : kAttnThreads;  // threads of one part
+};
 
 template <int kD, int kG>
 __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int split) {
-  constexpr int kLanesPerPos = kD / 8;            // 16 bytes of a K row per lane
-  constexpr int kPosPerWarp = kWarp / kLanesPerPos;
-  __shared__ float s_m[kAttnWarps][kG], s_l[kAttnWarps][kG];
-  __shared__ float s_o[kAttnWarps][kG][kD];
-  __shared__ int s_last;
-  constexpr int kT = kAttnStaged<kD>;
+  using S = AttnShape<kD, kG>;
+  constexpr int kT = S::kT;
   __shared__ __align__(16) bf16 s_k[kT * kD], s_v[kT * kD];
+  __shared__ __align__(16) float s_q[kG * kD];
+  __shared__ float s_p[kG * kT];
+  __shared__ float s_m[kG], s_l[kG], s_c[kG];
+  __shared__ float2 s_red[S::kParts > 1 ? (S::kParts - 1) * S::kPairs : 1];
+  __shared__ int s_last;
 
   trace_mark(p.trace, 0);
   const int pos = *p.pos;  // copied in before the step, not by the previous kernel
@@ -75,12 +87,11 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   const int chunk = (len + splits - 1) / splits;
   const int beg = split * chunk, end = min(len, beg + chunk);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int sub = lane / kLanesPerPos, sl = lane % kLanesPerPos;
   const size_t stride = (size_t)p.kv_heads * kD;
   // Rows [rb, re) into shared memory through cp.async (one commit group).
   auto stage = [&](int rb, int re) {
-    for (int i = threadIdx.x; i < (re - rb) * kLanesPerPos; i += kAttnThreads) {
-      const int r = i / kLanesPerPos, c = (i % kLanesPerPos) * 8;
+    for (int i = threadIdx.x; i < (re - rb) * S::kChunks; i += kAttnThreads) {
+      const int r = i / S::kChunks, c = (i % S::kChunks) * 8;
       const size_t src = (size_t)(rb + r) * stride + (size_t)kvh * kD + c;
       cp_async16(s_k + r * kD + c, p.k_cache + src, true);
       cp_async16(s_v + r * kD + c, p.v_cache + src, true);
@@ -90,139 +101,152 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   // First round: rows of earlier tokens before the wait, the current row after it.
   const int first_end = min(end, beg + kT);
   stage(beg, max(beg, min(first_end, pos)));
+  if (threadIdx.x < kG) {
+    s_m[threadIdx.x] = -INFINITY;
+    s_l[threadIdx.x] = 0.f;
+  }
   pdl_launch_dependents();
   pdl_wait();
   trace_mark(p.trace, 1);
-  if (pos >= beg && pos < first_end && threadIdx.x < kLanesPerPos) {
+  if (pos >= beg && pos < first_end && threadIdx.x < S::kChunks) {
     const int r = pos - beg, c = threadIdx.x * 8;
     const size_t src = (size_t)pos * stride + (size_t)kvh * kD + c;
     *reinterpret_cast<uint4*>(s_k + r * kD + c) = __ldcg(reinterpret_cast<const uint4*>(p.k_cache + src));
     *reinterpret_cast<uint4*>(s_v + r * kD + c) = __ldcg(reinterpret_cast<const uint4*>(p.v_cache + src));
   }
-
-  // q of the group, pre-scaled into log2 units so the loop uses exp2.
-  float q[kG][8];
+  // q of the group, pre-scaled into log2 units so the softmax uses exp2.
   const float qs = p.scale * 1.4426950408889634f;
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p.q + (size_t)(kvh * kG + g) * kD + sl * 8);
+  for (int i = threadIdx.x; i < kG * S::kChunks; i += kAttnThreads) {
+    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p.q + (size_t)kvh * kG * kD) + i);
     const __nv_bfloat162* r = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float2 f = __bfloat1622float2(r[e]);
-      q[g][2 * e] = f.x * qs;
-      q[g][2 * e + 1] = f.y * qs;
+      s_q[i * 8 + 2 * e] = f.x * qs;
+      s_q[i * 8 + 2 * e + 1] = f.y * qs;
     }
   }
-  float m[kG], l[kG], o[kG][8];
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) o[g][e] = 0.f;
-  }
 
-  // The loop bounds are uniform across the warp (the shuffles need every lane);
-  // positions past `end` are never loaded, so unused cache slots are never read.
+  float2 acc[S::kPer];
+#pragma unroll
+  for (int j = 0; j < S::kPer; ++j) acc[j] = make_float2(0.f, 0.f);
+  const int part = threadIdx.x / S::kSpan;  // >= kParts: idle in the values phase
+
+  // Positions past `end` are never loaded, so unused cache slots are never read.
   for (int rb = beg; rb < end; rb += kT) {
-    const int re = min(end, rb + kT);
+    const int re = min(end, rb + kT), n = re - rb;
     if (rb != beg) {
-      __syncthreads();  // every warp is done with the previous round's rows
+      __syncthreads();  // every thread is done with the previous round's rows
       stage(rb, re);
     }
     cp_async_wait<0>();
     __syncthreads();
-    for (int t0 = rb + warp * kPosPerWarp; t0 < re; t0 += kAttnWarps * kPosPerWarp) {
-      const int t = t0 + sub;
-      const bool valid = t < re;
-      uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);
-      if (valid) {
-        kr = *reinterpret_cast<const uint4*>(s_k + (t - rb) * kD + sl * 8);
-        vr = *reinterpret_cast<const uint4*>(s_v + (t - rb) * kD + sl * 8);
+    if (rb == beg) trace_mark(p.trace, 2);
+    // Scores. A thread reads its row's 16-byte pieces starting at piece t, so
+    // the 8 threads of a quarter warp hit different banks.
+    for (int i = threadIdx.x; i < kG * kT; i += kAttnThreads) {
+      const int g = i / kT, t = i % kT;
+      if (t >= n) continue;
+      const float* qg = s_q + g * kD;
+      float sc = 0.f;
+#pragma unroll
+      for (int c0 = 0; c0 < S::kChunks; ++c0) {
+        const int c = (c0 + t) % S::kChunks;
+        const uint4 kr = *reinterpret_cast<const uint4*>(s_k + t * kD + c * 8);
+        const __nv_bfloat162* k2 = reinterpret_cast<const __nv_bfloat162*>(&kr);
+        const float4 qa = *reinterpret_cast<const float4*>(qg + c * 8);
+        const float4 qb = *reinterpret_cast<const float4*>(qg + c * 8 + 4);
+        const float2 k0 = __bfloat1622float2(k2[0]), k1 = __bfloat1622float2(k2[1]);
+        const float2 k2f = __bfloat1622float2(k2[2]), k3 = __bfloat1622float2(k2[3]);
+        sc = fmaf(qa.x, k0.x, sc);
+        sc = fmaf(qa.y, k0.y, sc);
+        sc = fmaf(qa.z, k1.x, sc);
+        sc = fmaf(qa.w, k1.y, sc);
+        sc = fmaf(qb.x, k2f.x, sc);
+        sc = fmaf(qb.y, k2f.y, sc);
+        sc = fmaf(qb.z, k3.x, sc);
+        sc = fmaf(qb.w, k3.y, sc);
       }
-      float kf[8], vf[8];
-      const __nv_bfloat162* k2 = reinterpret_cast<const __nv_bfloat162*>(&kr);
-      const __nv_bfloat162* v2 = reinterpret_cast<const __nv_bfloat162*>(&vr);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 a = __bfloat1622float2(k2[e]), b = __bfloat1622float2(v2[e]);
-        kf[2 * e] = a.x;
-        kf[2 * e + 1] = a.y;
-        vf[2 * e] = b.x;
-        vf[2 * e + 1] = b.y;
+      s_p[g * kT + t] = sc;
+    }
+    __syncthreads();
+    // Softmax statistics, one warp a head.
+    for (int g = warp; g < kG; g += kAttnWarps) {
+      float mx = -INFINITY;
+      for (int t = lane; t < n; t += kWarp) mx = fmaxf(mx, s_p[g * kT + t]);
+      mx = warp_max(mx);
+      const float m_old = s_m[g], m_new = fmaxf(m_old, mx);
+      float sum = 0.f;
+      for (int t = lane; t < n; t += kWarp) {
+        const float e = exp2f(s_p[g * kT + t] - m_new);
+        s_p[g * kT + t] = e;
+        sum += e;
       }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float c = m_old == -INFINITY ? 0.f : exp2f(m_old - m_new);
+        s_c[g] = c;
+        s_l[g] = s_l[g] * c + sum;
+        s_m[g] = m_new;
+      }
+    }
+    __syncthreads();
+    // Values: this thread's (head, dimension pair)s over its part of the rows.
+    if (part < S::kParts) {
+      const int per_part = (n + S::kParts - 1) / S::kParts;
+      const int t_beg = part * per_part, t_end = min(n, t_beg + per_part);
 #pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        float s = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) s = fmaf(q[g][e], kf[e], s);
-#pragma unroll
-        for (int off = kLanesPerPos / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (valid) {
-          const float mn = fmaxf(m[g], s);
-          const float c = exp2f(m[g] - mn), e1 = exp2f(s - mn);
-          l[g] = l[g] * c + e1;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) o[g][e] = o[g][e] * c + e1 * vf[e];
-          m[g] = mn;
+      for (int j = 0; j < S::kPer; ++j) {
+        const int pr = threadIdx.x % S::kSpan + j * kAttnThreads;
+        if (pr >= S::kPairs) continue;
+        const int g = pr / (kD / 2), d2 = pr % (kD / 2);
+        const float c = s_c[g];
+        float2 a = make_float2(acc[j].x * c, acc[j].y * c);
+        const float* pg = s_p + g * kT;
+        const __nv_bfloat162* vcol = reinterpret_cast<const __nv_bfloat162*>(s_v) + d2;
+#pragma unroll 8
+        for (int t = t_beg; t < t_end; ++t) {
+          const float pt = pg[t];
+          const float2 v = __bfloat1622float2(vcol[t * (kD / 2)]);
+          a.x = fmaf(pt, v.x, a.x);
+          a.y = fmaf(pt, v.y, a.y);
         }
+        acc[j] = a;
       }
     }
   }
 
-  // Merge the position subgroups of the warp (lanes with the same `sl`).
-#pragma unroll
-  for (int off = kLanesPerPos; off < kWarp; off <<= 1) {
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      float o2[8];
-      const float m2 = __shfl_xor_sync(0xffffffffu, m[g], off);
-      const float l2 = __shfl_xor_sync(0xffffffffu, l[g], off);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) o2[e] = __shfl_xor_sync(0xffffffffu, o[g][e], off);
-      softmax_merge(m[g], l[g], o[g], m2, l2, o2);
-    }
-  }
-  if (sub == 0) {
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      if (sl == 0) {
-        s_m[warp][g] = m[g];
-        s_l[warp][g] = l[g];
-      }
-#pragma unroll
-      for (int e = 0; e < 8; ++e) s_o[warp][g][sl * 8 + e] = o[g][e];
-    }
-  }
-  __syncthreads();
-
-  // Merge the warps: one thread per (head of the group, dimension).
-  for (int idx = threadIdx.x; idx < kG * kD; idx += kAttnThreads) {
-    const int g = idx / kD, d = idx % kD;
-    float mm = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) mm = fmaxf(mm, s_m[w][g]);
-    float ll = 0.f, oo = 0.f;
-#pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) {
-      const float c = s_m[w][g] == -INFINITY ? 0.f : exp2f(s_m[w][g] - mm);
-      ll += s_l[w][g] * c;
-      oo += s_o[w][g][d] * c;
-    }
-    const int h = kvh * kG + g;
-    if (splits == 1) {
-      p.out[(size_t)h * kD + d] = __float2bfloat16(oo / ll);
-    } else {
-      const size_t slot = (size_t)h * p.splits + split;
-      p.part_o[slot * kD + d] = oo;
-      if (d == 0) {
-        p.part_ml[2 * slot] = mm;
-        p.part_ml[2 * slot + 1] = ll;
+  // The parts' sums into part 0's threads (kParts > 1 means one pair a thread).
+  if (S::kParts > 1) {
+    if (part > 0 && part < S::kParts) s_red[(part - 1) * S::kPairs + threadIdx.x % S::kSpan] = acc[0];
+    __syncthreads();
+    if (part == 0) {
+      for (int q = 1; q < S::kParts; ++q) {
+        const float2 o = s_red[(q - 1) * S::kPairs + threadIdx.x];
+        acc[0].x += o.x;
+        acc[0].y += o.y;
       }
     }
   }
-  trace_mark(p.trace, 2);
+  if (part == 0) {
+#pragma unroll
+    for (int j = 0; j < S::kPer; ++j) {
+      const int pr = threadIdx.x + j * kAttnThreads;
+      if (pr >= S::kPairs) continue;
+      const int g = pr / (kD / 2), d = 2 * (pr % (kD / 2));
+      const int h = kvh * kG + g;
+      if (splits == 1) {
+        const float inv = 1.f / s_l[g];
+        *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)h * kD + d) =
+            __floats2bfloat162_rn(acc[j].x * inv, acc[j].y * inv);
+      } else {
+        const size_t slot = (size_t)h * p.splits + split;
+        *reinterpret_cast<float2*>(p.part_o + slot * kD + d) = acc[j];
+        if (d == 0) *reinterpret_cast<float2*>(p.part_ml + 2 * slot) = make_float2(s_m[g], s_l[g]);
+      }
+    }
+  }
+  trace_mark(p.trace, 3);
   if (splits == 1) {
     trace_flush(p.trace);
     return;
@@ -238,36 +262,44 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     return;
   }
   __threadfence();
-  // NOTES: the merge must not walk the splits one dependent L2 round trip at a
-  // time (that cost ~0.7 us per split, tens of us per layer). Each head's weights
-  // exp2(m_s - M) are computed by one warp into shared memory; the weighted sum
-  // over splits then issues independent loads.
-  __shared__ float s_w[kG][kMaxAttnSplits];
-  __shared__ float s_inv[kG];
-  for (int g = warp; g < kG; g += kAttnWarps) {
-    const float* ml = p.part_ml + (size_t)(kvh * kG + g) * p.splits * 2;
-    float mm = -INFINITY;
-    for (int s = lane; s < splits; s += kWarp) mm = fmaxf(mm, __ldcg(ml + 2 * s));
-    mm = warp_max(mm);
-    float ll = 0.f;
-    for (int s = lane; s < splits; s += kWarp) {
-      const float ms = __ldcg(ml + 2 * s);
-      const float w = ms == -INFINITY ? 0.f : exp2f(ms - mm);  // empty splits weigh 0
-      s_w[g][s] = w;
-      ll += w * __ldcg(ml + 2 * s + 1);
-    }
-    ll = warp_sum(ll);
-    if (lane == 0) s_inv[g] = 1.f / ll;
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < kG * kD; idx += kAttnThreads) {
-    const int g = idx / kD, d = idx % kD;
+  // NOTES: all loads of a round of splits are issued before any is used; one
+  // dependent L2 round trip per split cost ~0.7 us each, and more while the
+  // next kernels' weight prefetches fill the memory system.
+  for (int pr = threadIdx.x; pr < S::kPairs; pr += kAttnThreads) {
+    const int g = pr / (kD / 2), d = 2 * (pr % (kD / 2));
     const int h = kvh * kG + g;
+    const float2* ml = reinterpret_cast<const float2*>(p.part_ml) + (size_t)h * p.splits;
     const float* po = p.part_o + (size_t)h * p.splits * kD + d;
-    float oo = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) oo += s_w[g][s] * __ldcg(po + (size_t)s * kD);
-    p.out[(size_t)h * kD + d] = __float2bfloat16(oo * s_inv[g]);
+    float m = -INFINITY, l = 0.f;
+    float2 o = make_float2(0.f, 0.f);
+    for (int s0 = 0; s0 < splits; s0 += kAttnMergeChunk) {
+      float2 mlv[kAttnMergeChunk], ov[kAttnMergeChunk];
+#pragma unroll
+      for (int j = 0; j < kAttnMergeChunk; ++j) {
+        const bool ok = s0 + j < splits;
+        mlv[j] = ok ? __ldcg(ml + s0 + j) : make_float2(-INFINITY, 0.f);
+        ov[j] = ok ? __ldcg(reinterpret_cast<const float2*>(po + (size_t)(s0 + j) * kD))
+                   : make_float2(0.f, 0.f);
+      }
+      float mn = m;
+#pragma unroll
+      for (int j = 0; j < kAttnMergeChunk; ++j) mn = fmaxf(mn, mlv[j].x);
+      const float c = m == -INFINITY ? 0.f : exp2f(m - mn);
+      l *= c;
+      o.x *= c;
+      o.y *= c;
+#pragma unroll
+      for (int j = 0; j < kAttnMergeChunk; ++j) {
+        const float w = mlv[j].x == -INFINITY ? 0.f : exp2f(mlv[j].x - mn);  // empty splits weigh 0
+        l = fmaf(w, mlv[j].y, l);
+        o.x = fmaf(w, ov[j].x, o.x);
+        o.y = fmaf(w, ov[j].y, o.y);
+      }
+      m = mn;
+    }
+    const float inv = 1.f / l;
+    *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)h * kD + d) =
+        __floats2bfloat162_rn(o.x * inv, o.y * inv);
   }
   if (threadIdx.x == 0) p.tickets[kvh] = 0;  // ready for the next launch (graph replay)
   trace_flush(p.trace);

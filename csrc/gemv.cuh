@@ -98,12 +98,68 @@ __host__ __device__ __forceinline__ int gemv_late_trigger(int k, int pairs, int 
   return per_block > 4 * kGemvRingBytes;
 }
 
+// Input vectors a thread holds in registers while staging (K <= 8192 with 256
+// threads); longer inputs take a slower loop.
+constexpr int kGemvStageRegs = 4;
+
+// The norm weights go into the input's shared-memory slots before the wait
+// (they are weights: no kernel of the step writes them); staging then reads
+// each slot's weights and overwrites them with the normalized input (the same
+// thread, the same slot).
+__device__ __forceinline__ void gemv_load_norm(const GemvParams& p, bf16* xs) {
+  if (p.norm_w == nullptr) return;
+  const uint4* w4 = reinterpret_cast<const uint4*>(p.norm_w);
+  uint4* xs4 = reinterpret_cast<uint4*>(xs);
+  for (int v = threadIdx.x; v < p.k / 8; v += blockDim.x) xs4[v] = w4[v];
+}
+
+__device__ __forceinline__ uint4 gemv_norm8(uint4 a, const uint4& w, float r) {
+  __nv_bfloat162* pa = reinterpret_cast<__nv_bfloat162*>(&a);
+  const __nv_bfloat162* pw = reinterpret_cast<const __nv_bfloat162*>(&w);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pa[i]);
+    const float2 g = __bfloat1622float2(pw[i]);
+    pa[i] = __floats2bfloat162_rn(round_bf16(f.x * r) * g.x, round_bf16(f.y * r) * g.y);
+  }
+  return a;
+}
+
 // Writes the (normalized) input into shared memory as bf16, rounded the way the
-// reference RMSNorm rounds: bf16(bf16(x * rsqrt(mean(x^2) + eps)) * w).
+// reference RMSNorm rounds: bf16(bf16(x * rsqrt(mean(x^2) + eps)) * w). The
+// input is read once, every load in flight together (one L2 round trip after
+// the wait; the norm weights came before it, gemv_load_norm).
 __device__ __forceinline__ void gemv_stage_input(const GemvParams& p, bf16* xs, float* scratch) {
   const int nvec = p.k / 8;
   const uint4* x4 = reinterpret_cast<const uint4*>(p.x);
   uint4* xs4 = reinterpret_cast<uint4*>(xs);
+  if (nvec <= kGemvStageRegs * (int)blockDim.x) {
+    uint4 xr[kGemvStageRegs];
+#pragma unroll
+    for (int i = 0; i < kGemvStageRegs; ++i) {
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v < nvec) xr[i] = __ldcg(x4 + v);
+    }
+    if (p.norm_w == nullptr) {
+#pragma unroll
+      for (int i = 0; i < kGemvStageRegs; ++i) {
+        const int v = threadIdx.x + i * blockDim.x;
+        if (v < nvec) xs4[v] = xr[i];
+      }
+      return;
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < kGemvStageRegs; ++i)
+      if (threadIdx.x + i * blockDim.x < nvec) ss += dot8(xr[i], xr[i]);
+    const float r = rsqrtf(block_sum(ss, scratch) / p.k + p.eps);
+#pragma unroll
+    for (int i = 0; i < kGemvStageRegs; ++i) {
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v < nvec) xs4[v] = gemv_norm8(xr[i], xs4[v], r);
+    }
+    return;
+  }
   if (p.norm_w == nullptr) {
     for (int v = threadIdx.x; v < nvec; v += blockDim.x) xs4[v] = x4[v];
     return;
@@ -114,20 +170,7 @@ __device__ __forceinline__ void gemv_stage_input(const GemvParams& p, bf16* xs, 
     ss += dot8(a, a);
   }
   const float r = rsqrtf(block_sum(ss, scratch) / p.k + p.eps);
-  const uint4* w4 = reinterpret_cast<const uint4*>(p.norm_w);
-  for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
-    uint4 a = x4[v];
-    const uint4 w = w4[v];
-    __nv_bfloat162* pa = reinterpret_cast<__nv_bfloat162*>(&a);
-    const __nv_bfloat162* pw = reinterpret_cast<const __nv_bfloat162*>(&w);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(pa[i]);
-      const float2 g = __bfloat1622float2(pw[i]);
-      pa[i] = __floats2bfloat162_rn(round_bf16(f.x * r) * g.x, round_bf16(f.y * r) * g.y);
-    }
-    xs4[v] = a;
-  }
+  for (int v = threadIdx.x; v < nvec; v += blockDim.x) xs4[v] = gemv_norm8(x4[v], xs4[v], r);
 }
 
 __device__ __forceinline__ void gemv_epilogue_store(const GemvParams& p, int r, float acc) {
@@ -257,6 +300,7 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
 #pragma unroll
   for (int s = 0; s < kGemvStages; ++s) gemv_load_step(p, L, tiles, steps, ring, s);
   if (p.l2_items > 0) gemv_prefetch_l2(p, L, tiles);
+  gemv_load_norm(p, xs);
   if (!p.late_trigger) pdl_launch_dependents();
   pdl_wait();
   trace_mark(p.trace, 1);
@@ -288,6 +332,7 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
       }
       store_pair_partial(acc + 2 * it, a0, a1, lane);  // it = pair * ksplit + part
     }
+    trace_mark(p.trace, 3);
     __syncthreads();
     gemv_tile_epilogue(p, tile, acc, scratch);
     __syncthreads();

@@ -1,7 +1,9 @@
 // Per-block timeline of a decode step (benchmarks/bench_trace.py): when armed,
 // every launch of an instrumented kernel takes the next launch number, and each
-// of its blocks appends one record of %globaltimer marks (start, after
-// griddepcontrol.wait, end of the main loop, exit) with its SM. Unarmed (the
+// of its blocks appends one record of %globaltimer marks with its SM: 0 start,
+// 1 griddepcontrol.wait returned, 2 and 3 two points of the kernel's own (GEMV:
+// input staged, last tile's weights consumed; attention: first rows in shared
+// memory, partial results written), 4 exit. Unarmed (the
 // default) a launch carries a null buffer and a block pays one branch.
 #pragma once
 
@@ -11,7 +13,7 @@
 namespace tilert {
 
 // One record: marks in ns, then launch number, block, SM.
-constexpr int kTraceMarks = 4;
+constexpr int kTraceMarks = 5;
 constexpr int kTraceWords = kTraceMarks + 2;  // 8-byte words per record
 
 struct TraceRef {

@@ -43,7 +43,7 @@ _SIGNATURES = {
     "tilert_error_string": [_I],
     "tilert_trace_arm": [_P, _P, _I],
     "tilert_trace_launches": [],
-    "tilert_gemv_set_l2_budget": [ctypes.c_double, ctypes.c_double],
+    "tilert_gemv_set_l2_prefetch": [ctypes.c_double, ctypes.c_double],
 }
 _lib: ctypes.CDLL | None = None
 

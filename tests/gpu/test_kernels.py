@@ -108,12 +108,15 @@ def test_gemv_tilings(tiling, epilogue):
         assert torch.equal(out, first)
 
 
-@pytest.mark.parametrize("tiling", [(8, 1, 3), (4, 2, 5), (2, 4, 1), (1, 8, 7), (3, 3, 2)])
-@pytest.mark.parametrize("budget", [3e4, 1e9])
-def test_gemv_l2_prefetch(tiling, budget):
-    """Bulk L2 prefetches before the wait (a small budget: part of each warp's
-    stream; a huge one: every warp walks to its stream's end) leave the result
-    as it was; a bad address or size would fault the launch."""
+@pytest.mark.parametrize(
+    "tiling", [(8, 1, 3), (4, 2, 5), (2, 4, 1), (1, 8, 7), (3, 3, 2), (4, 2, 40), (8, 1, 60)]
+)
+@pytest.mark.parametrize("late_bytes,rest_rings", [(3e4, 0.5), (1e9, 1e9)])
+def test_gemv_l2_prefetch(tiling, late_bytes, rest_rings):
+    """Bulk L2 prefetches before the wait (late-trigger GEMVs: part of each
+    warp's stream, or with a huge budget every warp walks to its stream's end;
+    early ones with 40 and 60 blocks: the whole rest) leave the result as it
+    was; a bad address or size would fault the launch."""
     n, k = 1030, 2056
     w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF)
     x = torch.randn(k, device=DEV).to(BF)
@@ -121,12 +124,12 @@ def test_gemv_l2_prefetch(tiling, budget):
     ref = torch.full((n,), float("nan"), device=DEV, dtype=BF)
     kernels.gemv(w, x, ref, residual=r, tiling=tiling)()
     lib = kernels.lib()
-    lib.tilert_gemv_set_l2_budget(budget, budget)
+    lib.tilert_gemv_set_l2_prefetch(late_bytes, rest_rings)
     try:
         out = torch.full((n,), float("nan"), device=DEV, dtype=BF)
         launch = kernels.gemv(w, x, out, residual=r, tiling=tiling)
     finally:
-        lib.tilert_gemv_set_l2_budget(-1.0, -1.0)
+        lib.tilert_gemv_set_l2_prefetch(-1.0, -1.0)
     launch()
     torch.cuda.synchronize()
     assert torch.equal(out, ref)
@@ -137,32 +140,31 @@ def test_trace_records_each_block():
     """Armed, each GEMV / attention launch takes the next number and each of its
     blocks writes one record of ordered marks; disarmed, nothing is written."""
     lib = kernels.lib()
-    buf = torch.full((64, 6), -1, dtype=torch.int64, device=DEV)
+    buf = torch.full((64, 7), -1, dtype=torch.int64, device=DEV)
     nxt = torch.zeros(1, dtype=torch.int32, device=DEV)
     n, k = 96, 512
     w = torch.randn(n, k, device=DEV).to(BF)
     x = torch.randn(k, device=DEV).to(BF)
     out = torch.empty(n, device=DEV, dtype=BF)
+    first = kernels.gemv(w, x, out, tiling=(8, 1, 3))
+    second = kernels.gemv(w, x, out, tiling=(4, 1, 5))
     lib.tilert_trace_arm(buf.data_ptr(), nxt.data_ptr(), buf.shape[0])
-    try:
-        first = kernels.gemv(w, x, out, tiling=(8, 1, 3))
-        second = kernels.gemv(w, x, out, tiling=(4, 1, 5))
+    try:  # a launch takes its number when it is enqueued
+        first()
+        second()
         assert lib.tilert_trace_launches() == 2
     finally:
         assert lib.tilert_trace_arm(None, None, 0) == 2
-    untraced = kernels.gemv(w, x, out, tiling=(8, 1, 3))
-    first()
-    second()
-    untraced()
+    first()  # disarmed
     torch.cuda.synchronize()
     assert int(nxt.item()) == 3 + 5
     rec = buf[:8].cpu()
-    assert sorted(rec[:, 4].tolist()) == [0] * 3 + [1] * 5
+    assert sorted(rec[:, 5].tolist()) == [0] * 3 + [1] * 5
     for launch, blocks in ((0, 3), (1, 5)):
-        r = rec[rec[:, 4] == launch]
-        assert sorted((r[:, 5] & 0xFFFFFFFF).tolist()) == list(range(blocks))
-        assert ((r[:, 5] >> 32) < torch.cuda.get_device_properties(DEV).multi_processor_count).all()
-        marks = r[:, :4]
+        r = rec[rec[:, 5] == launch]
+        assert sorted((r[:, 6] & 0xFFFFFFFF).tolist()) == list(range(blocks))
+        assert ((r[:, 6] >> 32) < torch.cuda.get_device_properties(DEV).multi_processor_count).all()
+        marks = r[:, :5]
         assert (marks > 0).all() and (marks[:, 1:] >= marks[:, :-1]).all()
     assert (buf[8:] == -1).all()
 
@@ -289,6 +291,8 @@ ATTN_CASES = [
     (16, 2, 128, 100, 256),
     (8, 8, 128, 17, 64),
     (28, 4, 128, 2049, 8192),
+    (64, 8, 128, 1500, 2048),  # 8 heads a kv head, two output pairs a thread
+    (8, 8, 64, 700, 1024),  # one head a kv head: the rows cut into four parts
 ]
 
 
