@@ -75,13 +75,13 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   __shared__ float2 s_red[S::kParts > 1 ? (S::kParts - 1) * S::kPairs : 1];
   __shared__ int s_last;
 
-  trace_mark(p.trace, 0);
+  const unsigned long long t0 = trace_clock(p.trace);
   const int pos = *p.pos;  // copied in before the step, not by the previous kernel
   const int len = pos + 1;
   const int splits = min(p.splits, (len + kT - 1) / kT);
   if (split >= splits) {
     pdl_launch_dependents();
-    trace_flush(p.trace);
+    trace_close(trace_open(p.trace, t0));
     return;
   }
   const int chunk = (len + splits - 1) / splits;
@@ -101,13 +101,14 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   // First round: rows of earlier tokens before the wait, the current row after it.
   const int first_end = min(end, beg + kT);
   stage(beg, max(beg, min(first_end, pos)));
+  unsigned long long* rec = trace_open(p.trace, t0);
   if (threadIdx.x < kG) {
     s_m[threadIdx.x] = -INFINITY;
     s_l[threadIdx.x] = 0.f;
   }
   pdl_launch_dependents();
   pdl_wait();
-  trace_mark(p.trace, 1);
+  trace_mark(rec, 1);
   if (pos >= beg && pos < first_end && threadIdx.x < S::kChunks) {
     const int r = pos - beg, c = threadIdx.x * 8;
     const size_t src = (size_t)pos * stride + (size_t)kvh * kD + c;
@@ -141,7 +142,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     }
     cp_async_wait<0>();
     __syncthreads();
-    if (rb == beg) trace_mark(p.trace, 2);
+    if (rb == beg) trace_mark(rec, 2);
     // Scores. A thread reads its row's 16-byte pieces starting at piece t, so
     // the 8 threads of a quarter warp hit different banks.
     for (int i = threadIdx.x; i < kG * kT; i += kAttnThreads) {
@@ -246,9 +247,9 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       }
     }
   }
-  trace_mark(p.trace, 3);
+  trace_mark(rec, 3);
   if (splits == 1) {
-    trace_flush(p.trace);
+    trace_close(rec);
     return;
   }
 
@@ -258,7 +259,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   if (threadIdx.x == 0) s_last = atomicAdd(&p.tickets[kvh], 1) == splits - 1;
   __syncthreads();
   if (!s_last) {
-    trace_flush(p.trace);
+    trace_close(rec);
     return;
   }
   __threadfence();
@@ -302,7 +303,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
         __floats2bfloat162_rn(o.x * inv, o.y * inv);
   }
   if (threadIdx.x == 0) p.tickets[kvh] = 0;  // ready for the next launch (graph replay)
-  trace_flush(p.trace);
+  trace_close(rec);
 }
 
 }  // namespace tilert

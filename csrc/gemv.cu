@@ -27,7 +27,7 @@ TraceRef trace_next_launch() {
 //    none: 26 MB for gate_up took the Llama step from 1.334 to 1.380 ms, more
 //    requests in flight slow the latency-bound kernels before it).
 constexpr double kL2LateBytes = 0.0;
-constexpr double kL2RestRings = 1.0;
+constexpr double kL2RestRings = 0.0;
 double g_l2_late_bytes = kL2LateBytes, g_l2_rest_rings = kL2RestRings;
 
 // Items of each warp's stream, past its ring, to prefetch into L2.

@@ -293,7 +293,7 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
   const int nvec = p.k / 8, chunk = (nvec + p.ksplit - 1) / p.ksplit;
   const int steps = (chunk + kWarp - 1) / kWarp;
 
-  trace_mark(p.trace, 0);
+  const unsigned long long t0 = trace_clock(p.trace);
   // Weights never depend on the previous kernel: fill the ring before waiting.
   GemvLoader L = {static_cast<int>(blockIdx.x), warp, 0, nullptr, nullptr, 0, 0, blockIdx.x >= tiles};
   if (!L.done) gemv_loader_seek(p, L, tiles);
@@ -301,13 +301,14 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
   for (int s = 0; s < kGemvStages; ++s) gemv_load_step(p, L, tiles, steps, ring, s);
   if (p.l2_items > 0) gemv_prefetch_l2(p, L, tiles);
   gemv_load_norm(p, xs);
+  unsigned long long* rec = trace_open(p.trace, t0);
   if (!p.late_trigger) pdl_launch_dependents();
   pdl_wait();
-  trace_mark(p.trace, 1);
+  trace_mark(rec, 1);
 
   gemv_stage_input(p, xs, scratch);
   __syncthreads();
-  trace_mark(p.trace, 2);
+  trace_mark(rec, 2);
 
   const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
   unsigned c = 0;  // steps consumed by this lane
@@ -332,14 +333,14 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
       }
       store_pair_partial(acc + 2 * it, a0, a1, lane);  // it = pair * ksplit + part
     }
-    trace_mark(p.trace, 3);
+    trace_mark(rec, 3);
     __syncthreads();
     gemv_tile_epilogue(p, tile, acc, scratch);
     __syncthreads();
   }
   if (p.late_trigger) pdl_launch_dependents();
   cp_async_wait<0>();  // nothing may be in flight into shared memory at exit
-  trace_flush(p.trace);
+  trace_close(rec);
 }
 
 // The tile's epilogue, by every thread of the block: thread j finishes pair j

@@ -4,7 +4,7 @@
 // 1 griddepcontrol.wait returned, 2 and 3 two points of the kernel's own (GEMV:
 // input staged, last tile's weights consumed; attention: first rows in shared
 // memory, partial results written), 4 exit. Unarmed (the
-// default) a launch carries a null buffer and a block pays one branch.
+// default) a launch carries a null buffer and a block pays a few branches.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,35 +33,36 @@ __device__ __forceinline__ unsigned long long globaltimer() {
   return t;
 }
 
-// The marks live in shared memory (thread 0 writes and reads them), not in
-// registers that the instrumented kernel needs.
-__device__ __forceinline__ unsigned long long* trace_marks() {
-  __shared__ unsigned long long marks[kTraceMarks];
-  return marks;
+// A block's record is written straight to global memory by thread 0: no
+// shared memory (the GEMV step ran 13% slower with 16 bytes more of static
+// shared memory for marks, benchmarks/NOTES.md) and one pointer register.
+// trace_clock reads mark 0 at the block's start; trace_open, called once the
+// block has issued its first loads, takes a record (an atomic) and fills it.
+__device__ __forceinline__ unsigned long long trace_clock(const TraceRef& r) {
+  return r.buf != nullptr && threadIdx.x == 0 ? globaltimer() : 0ull;
 }
 
-// Mark 0 starts the record (the others read as zero until set).
-__device__ __forceinline__ void trace_mark(const TraceRef& r, int i) {
-  if (r.buf == nullptr || threadIdx.x != 0) return;
-  unsigned long long* t = trace_marks();
-  if (i == 0)
-    for (int m = 1; m < kTraceMarks; ++m) t[m] = 0;
-  t[i] = globaltimer();
-}
-
-// The last mark (exit) and the record.
-__device__ __forceinline__ void trace_flush(const TraceRef& r) {
-  if (r.buf == nullptr || threadIdx.x != 0) return;
-  unsigned long long* t = trace_marks();
-  t[kTraceMarks - 1] = globaltimer();
+__device__ __forceinline__ unsigned long long* trace_open(const TraceRef& r, unsigned long long t0) {
+  if (r.buf == nullptr || threadIdx.x != 0) return nullptr;
   const int i = atomicAdd(r.next, 1);
-  if (i >= r.cap) return;
+  if (i >= r.cap) return nullptr;
   unsigned sm;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
   unsigned long long* rec = r.buf + (size_t)i * kTraceWords;
-  for (int m = 0; m < kTraceMarks; ++m) rec[m] = t[m];
+  rec[0] = t0;
+  for (int m = 1; m < kTraceMarks; ++m) rec[m] = 0;
   rec[kTraceMarks] = (unsigned long long)r.launch;
   rec[kTraceMarks + 1] = ((unsigned long long)sm << 32) | (blockIdx.x + blockIdx.y * gridDim.x);
+  return rec;
+}
+
+__device__ __forceinline__ void trace_mark(unsigned long long* rec, int i) {
+  if (rec != nullptr) rec[i] = globaltimer();
+}
+
+// The exit mark.
+__device__ __forceinline__ void trace_close(unsigned long long* rec) {
+  trace_mark(rec, kTraceMarks - 1);
 }
 
 }  // namespace tilert
