@@ -16,10 +16,11 @@ last exit. Per kind, averaged over the middle layers and the traced replays:
   lead  first wait release minus first start (time spent resident before it),
   late  last block start minus the previous launch's last exit (> 0: some
         blocks could not start before their input was ready).
-Sweep: for each GEMV L2 prefetch setting (late-trigger GEMVs' budget in MB,
-rings beyond the first that an early GEMV prefetches whole: csrc/gemv.cu
-gemv_l2_items) the step is recaptured untraced and replayed back to back
-(median of 5 batches of 100 replays).
+Sweep: for each setting "late,rest[,fit]" (GEMV L2 prefetch: late-trigger
+GEMVs' budget in MB, rings beyond the first that an early GEMV prefetches
+whole, csrc/gemv.cu gemv_l2_items; fit: kernels.GEMV_RING_FIT_PER_SM, default
+as configured) the step is lowered again, captured untraced and replayed back
+to back (median of 5 batches of 100 replays).
 Prints tables; --json writes them, --raw the records of one traced replay
 (numpy .npz: records [n, 7] int64 and the launch names).
 """
@@ -189,7 +190,7 @@ def main() -> int:
     ap.add_argument("--workload", default="llama-3.2-1b")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--traces", type=int, default=9)
-    ap.add_argument("--sweep", default="0,0 0,1", help="late MB,rest rings settings")
+    ap.add_argument("--sweep", default="0,0 0,0,0 0,1", help="late MB,rest rings[,fit]")
     ap.add_argument("--trace-budgets", default="0,0", help="settings to trace (late MB,rest rings)")
     ap.add_argument("--json", default="")
     ap.add_argument("--raw", default="", help="records of one traced replay (.npz)")
@@ -208,16 +209,26 @@ def main() -> int:
     print(f"{out['device']}, {args.workload}, context {args.context}")
 
     sweep = []
+    default_fit = kernels.GEMV_RING_FIT_PER_SM
     for item in args.sweep.split():
-        late, early = (float(v) for v in item.split(","))
-        lib.tilert_gemv_set_l2_prefetch(late * 1e6, early)
-        graph, _ = capture(launches, False)
-        sweep.append({"late_mb": late, "rest_rings": early, "ms": replay_ms(graph)})
+        late, rest, *fit = (float(v) for v in item.split(","))
+        lib.tilert_gemv_set_l2_prefetch(late * 1e6, rest)
+        kernels.GEMV_RING_FIT_PER_SM = int(fit[0]) if fit else default_fit
+        graph, _ = capture(ex._lower(model.decode), False)
+        sweep.append(
+            {
+                "late_mb": late,
+                "rest_rings": rest,
+                "fit": kernels.GEMV_RING_FIT_PER_SM,
+                "ms": replay_ms(graph),
+            }
+        )
         del graph
+    kernels.GEMV_RING_FIT_PER_SM = default_fit
     out["sweep"] = sweep
-    print(f"{'L2 late MB':>10} {'rest rings':>10} {'step ms':>9}")
+    print(f"{'L2 late MB':>10} {'rest rings':>10} {'fit':>4} {'step ms':>9}")
     for r in sweep:
-        print(f"{r['late_mb']:>10.0f} {r['rest_rings']:>10g} {r['ms']:>9.4f}")
+        print(f"{r['late_mb']:>10.0f} {r['rest_rings']:>10g} {r['fit']:>4} {r['ms']:>9.4f}")
 
     out["traces"] = []
     for item in args.trace_budgets.split():

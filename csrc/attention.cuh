@@ -39,9 +39,11 @@ struct AttnParams {
 constexpr int kAttnThreads = 256;
 constexpr int kMaxAttnSplits = 256;  // the host never asks for more
 constexpr int kAttnWarps = kAttnThreads / kWarp;
-// Positions of a split staged in shared memory per round (32 KB of K and V rows).
+// Positions of a split staged in shared memory per round (16 KB of K and V
+// rows). A split of a 1K context is one round of 64 positions: 128 rows a
+// split took 3 us of shared-memory work after the wait on an H100.
 template <int kD>
-constexpr int kAttnStaged = 16384 / (kD * 2);
+constexpr int kAttnStaged = 8192 / (kD * 2);
 // Splits the merging block reads per round of loads (all in flight at once).
 constexpr int kAttnMergeChunk = 16;
 
@@ -264,43 +266,77 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   }
   __threadfence();
   // NOTES: all loads of a round of splits are issued before any is used; one
-  // dependent L2 round trip per split cost ~0.7 us each, and more while the
-  // next kernels' weight prefetches fill the memory system.
-  for (int pr = threadIdx.x; pr < S::kPairs; pr += kAttnThreads) {
-    const int g = pr / (kD / 2), d = 2 * (pr % (kD / 2));
-    const int h = kvh * kG + g;
-    const float2* ml = reinterpret_cast<const float2*>(p.part_ml) + (size_t)h * p.splits;
-    const float* po = p.part_o + (size_t)h * p.splits * kD + d;
-    float m = -INFINITY, l = 0.f;
-    float2 o = make_float2(0.f, 0.f);
-    for (int s0 = 0; s0 < splits; s0 += kAttnMergeChunk) {
-      float2 mlv[kAttnMergeChunk], ov[kAttnMergeChunk];
+  // dependent L2 round trip per split cost ~0.7 us each, and 2-3 us while the
+  // next kernels' weight prefetches fill the memory system. The splits are
+  // cut among the parts (as the rows were), so one round covers up to
+  // kParts * kAttnMergeChunk splits; the parts' states meet in shared memory.
+  float4* s_mrg = reinterpret_cast<float4*>(s_k);  // the staged rows are spent
+  const int per_part = (splits + S::kParts - 1) / S::kParts;
+  float4 st[S::kPer];  // (m, l, o.x, o.y) of this thread's pairs over its splits
+  if (part < S::kParts) {
+    const int s_beg = part * per_part, s_end = min(splits, s_beg + per_part);
 #pragma unroll
-      for (int j = 0; j < kAttnMergeChunk; ++j) {
-        const bool ok = s0 + j < splits;
-        mlv[j] = ok ? __ldcg(ml + s0 + j) : make_float2(-INFINITY, 0.f);
-        ov[j] = ok ? __ldcg(reinterpret_cast<const float2*>(po + (size_t)(s0 + j) * kD))
-                   : make_float2(0.f, 0.f);
+    for (int j = 0; j < S::kPer; ++j) {
+      const int pr = threadIdx.x % S::kSpan + j * kAttnThreads;
+      if (pr >= S::kPairs) continue;
+      const int g = pr / (kD / 2), d = 2 * (pr % (kD / 2));
+      const int h = kvh * kG + g;
+      const float2* ml = reinterpret_cast<const float2*>(p.part_ml) + (size_t)h * p.splits;
+      const float* po = p.part_o + (size_t)h * p.splits * kD + d;
+      float m = -INFINITY, l = 0.f;
+      float2 o = make_float2(0.f, 0.f);
+      for (int s0 = s_beg; s0 < s_end; s0 += kAttnMergeChunk) {
+        float2 mlv[kAttnMergeChunk], ov[kAttnMergeChunk];
+#pragma unroll
+        for (int q = 0; q < kAttnMergeChunk; ++q) {
+          const bool ok = s0 + q < s_end;
+          mlv[q] = ok ? __ldcg(ml + s0 + q) : make_float2(-INFINITY, 0.f);
+          ov[q] = ok ? __ldcg(reinterpret_cast<const float2*>(po + (size_t)(s0 + q) * kD))
+                     : make_float2(0.f, 0.f);
+        }
+        float mn = m;
+#pragma unroll
+        for (int q = 0; q < kAttnMergeChunk; ++q) mn = fmaxf(mn, mlv[q].x);
+        const float c = m == -INFINITY ? 0.f : exp2f(m - mn);
+        l *= c;
+        o.x *= c;
+        o.y *= c;
+#pragma unroll
+        for (int q = 0; q < kAttnMergeChunk; ++q) {
+          const float w = mlv[q].x == -INFINITY ? 0.f : exp2f(mlv[q].x - mn);  // empty splits weigh 0
+          l = fmaf(w, mlv[q].y, l);
+          o.x = fmaf(w, ov[q].x, o.x);
+          o.y = fmaf(w, ov[q].y, o.y);
+        }
+        m = mn;
       }
-      float mn = m;
-#pragma unroll
-      for (int j = 0; j < kAttnMergeChunk; ++j) mn = fmaxf(mn, mlv[j].x);
-      const float c = m == -INFINITY ? 0.f : exp2f(m - mn);
-      l *= c;
-      o.x *= c;
-      o.y *= c;
-#pragma unroll
-      for (int j = 0; j < kAttnMergeChunk; ++j) {
-        const float w = mlv[j].x == -INFINITY ? 0.f : exp2f(mlv[j].x - mn);  // empty splits weigh 0
-        l = fmaf(w, mlv[j].y, l);
-        o.x = fmaf(w, ov[j].x, o.x);
-        o.y = fmaf(w, ov[j].y, o.y);
-      }
-      m = mn;
+      st[j] = make_float4(m, l, o.x, o.y);
+      if (S::kParts > 1 && part > 0) s_mrg[(part - 1) * S::kPairs + pr] = st[j];
     }
-    const float inv = 1.f / l;
-    *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)h * kD + d) =
-        __floats2bfloat162_rn(o.x * inv, o.y * inv);
+  }
+  if (S::kParts > 1) __syncthreads();
+  if (part == 0) {
+#pragma unroll
+    for (int j = 0; j < S::kPer; ++j) {
+      const int pr = threadIdx.x + j * kAttnThreads;
+      if (pr >= S::kPairs) continue;
+      float m = st[j].x, l = st[j].y;
+      float2 o = make_float2(st[j].z, st[j].w);
+      for (int q = 1; q < S::kParts; ++q) {
+        const float4 b = s_mrg[(q - 1) * S::kPairs + pr];
+        const float mn = fmaxf(m, b.x);
+        const float ca = m == -INFINITY ? 0.f : exp2f(m - mn);
+        const float cb = b.x == -INFINITY ? 0.f : exp2f(b.x - mn);
+        l = l * ca + b.y * cb;
+        o.x = o.x * ca + b.z * cb;
+        o.y = o.y * ca + b.w * cb;
+        m = mn;
+      }
+      const int g = pr / (kD / 2), d = 2 * (pr % (kD / 2));
+      const float inv = 1.f / l;
+      *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)(kvh * kG + g) * kD + d) =
+          __floats2bfloat162_rn(o.x * inv, o.y * inv);
+    }
   }
   if (threadIdx.x == 0) p.tickets[kvh] = 0;  // ready for the next launch (graph replay)
   trace_close(rec);
