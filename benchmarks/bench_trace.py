@@ -1,5 +1,5 @@
-"""Where the captured decode step waits: a per-block timeline, and the step's
-device time under GEMV L2-prefetch budgets.
+"""Where the captured decode step waits: a per-block timeline of its GEMV and
+attention launches.
 
 Method: one graph executor at a workload's geometry (random bf16 weights,
 `--context` positions filled), its step's launches captured into a CUDA graph
@@ -16,11 +16,10 @@ last exit. Per kind, averaged over the middle layers and the traced replays:
   lead  first wait release minus first start (time spent resident before it),
   late  last block start minus the previous launch's last exit (> 0: some
         blocks could not start before their input was ready).
-Sweep: for each setting "late,rest[,fit]" (GEMV L2 prefetch: late-trigger
-GEMVs' budget in MB, rings beyond the first that an early GEMV prefetches
-whole, csrc/gemv.cu gemv_l2_items; fit: kernels.GEMV_RING_FIT_PER_SM, default
-as configured) the step is lowered again, captured untraced and replayed back
-to back (median of 5 batches of 100 replays).
+Armed, a block's thread 0 takes its record with an atomic before the wait: a
+block that starts late (down, behind gate_up) shows that round trip in rel.
+The step is also captured untraced and replayed back to back (median of 5
+batches of 100 replays): the traced span should not be far from it.
 Prints tables; --json writes them, --raw the records of one traced replay
 (numpy .npz: records [n, 7] int64 and the launch names).
 """
@@ -190,8 +189,6 @@ def main() -> int:
     ap.add_argument("--workload", default="llama-3.2-1b")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--traces", type=int, default=9)
-    ap.add_argument("--sweep", default="0,0 0,0,0 0,1", help="late MB,rest rings[,fit]")
-    ap.add_argument("--trace-budgets", default="0,0", help="settings to trace (late MB,rest rings)")
     ap.add_argument("--json", default="")
     ap.add_argument("--raw", default="", help="records of one traced replay (.npz)")
     args = ap.parse_args()
@@ -203,64 +200,33 @@ def main() -> int:
     ex.prefill([i % model.vocab_size for i in range(args.context)])
     ex.decode(1)  # stages a step (position = context)
     launches = ex.launches
-    lib = kernels.lib()
     layers = cfg["num_hidden_layers"]
     out: dict = {"device": torch.cuda.get_device_name(0), "workload": args.workload}
     print(f"{out['device']}, {args.workload}, context {args.context}")
 
-    sweep = []
-    default_fit = kernels.GEMV_RING_FIT_PER_SM
-    for item in args.sweep.split():
-        late, rest, *fit = (float(v) for v in item.split(","))
-        lib.tilert_gemv_set_l2_prefetch(late * 1e6, rest)
-        kernels.GEMV_RING_FIT_PER_SM = int(fit[0]) if fit else default_fit
-        graph, _ = capture(ex._lower(model.decode), False)
-        sweep.append(
-            {
-                "late_mb": late,
-                "rest_rings": rest,
-                "fit": kernels.GEMV_RING_FIT_PER_SM,
-                "ms": replay_ms(graph),
-            }
-        )
-        del graph
-    kernels.GEMV_RING_FIT_PER_SM = default_fit
-    out["sweep"] = sweep
-    print(f"{'L2 late MB':>10} {'rest rings':>10} {'fit':>4} {'step ms':>9}")
-    for r in sweep:
-        print(f"{r['late_mb']:>10.0f} {r['rest_rings']:>10g} {r['fit']:>4} {r['ms']:>9.4f}")
+    graph, _ = capture(launches, False)
+    out["step_ms"] = replay_ms(graph)
+    del graph
+    print(f"step untraced: {out['step_ms']:.4f} ms")
 
-    out["traces"] = []
-    for item in args.trace_budgets.split():
-        late, early = (float(v) for v in item.split(","))
-        lib.tilert_gemv_set_l2_prefetch(late * 1e6, early)
-        raw = f"{args.raw.removesuffix('.npz')}_{late:g}_{early:g}.npz" if args.raw else ""
-        kinds, timeline, total = trace_step(launches, layers, args.traces, raw)
-        out["traces"].append(
-            {"late_mb": late, "rest_rings": early, "kinds": kinds, "timeline": timeline}
-        )
+    kinds, timeline, total = trace_step(launches, layers, args.traces, args.raw)
+    out.update(kinds=kinds, timeline=timeline, traced_us=total)
+    print(f"\ntimeline: traced span {total:.1f} us (first GEMV start to LM head exit)")
+    print(
+        f"{'kind':<18} {'n':>3} {'blocks':>6} {'inc':>7} {'rel':>7} {'post':>7} "
+        f"{'lead':>7} {'late':>7}   (us, medians)"
+    )
+    for r in kinds:
         print(
-            f"\ntimeline, L2 prefetch late {late:.0f} MB, rest rings {early:g}: "
-            f"traced span {total:.1f} us (first GEMV start to LM head exit)"
+            f"{r['kind']:<18} {r['count']:>3} {r['blocks']:>6} {r['inc']:>7.2f} "
+            f"{r['rel']:>7.2f} {r['post']:>7.2f} {r['lead']:>7.2f} {r['late']:>7.2f}"
         )
+    print(f"layer {layers // 2}: {'launch':<18} {'start':>7} {'lastst':>7} {'wait':>7} {'end':>7}")
+    for r in timeline:
         print(
-            f"{'kind':<18} {'n':>3} {'blocks':>6} {'inc':>7} {'rel':>7} {'post':>7} "
-            f"{'lead':>7} {'late':>7}   (us, medians)"
+            f"{'':9}{r['launch']:<18} {r['start']:>7.2f} {r['last_start']:>7.2f} "
+            f"{r['wait']:>7.2f} {r['end']:>7.2f}"
         )
-        for r in kinds:
-            print(
-                f"{r['kind']:<18} {r['count']:>3} {r['blocks']:>6} {r['inc']:>7.2f} "
-                f"{r['rel']:>7.2f} {r['post']:>7.2f} {r['lead']:>7.2f} {r['late']:>7.2f}"
-            )
-        print(
-            f"layer {layers // 2}: {'launch':<18} {'start':>7} {'lastst':>7} {'wait':>7} {'end':>7}"
-        )
-        for r in timeline:
-            print(
-                f"{'':9}{r['launch']:<18} {r['start']:>7.2f} {r['last_start']:>7.2f} "
-                f"{r['wait']:>7.2f} {r['end']:>7.2f}"
-            )
-    lib.tilert_gemv_set_l2_prefetch(-1.0, -1.0)  # the defaults
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)

@@ -16,31 +16,6 @@ TraceRef trace_next_launch() {
   return r;
 }
 
-// What a GEMV prefetches into L2 before its wait, beyond its ring
-// (tilert_gemv_set_l2_prefetch changes it for later launches):
-//  - a GEMV that triggers early (its blocks read at most four rings) and whose
-//    blocks read at most kL2RestRings rings beyond the first asks for all the
-//    rest: Llama-3.2-1B's qkv (1.5 rings) then has every weight byte requested
-//    while the previous layer's down projection streams, instead of queueing
-//    its last third behind the next kernels' prefetches after the wait;
-//  - a GEMV that triggers late shares kL2LateBytes among its warps (default
-//    none: 26 MB for gate_up took the Llama step from 1.334 to 1.380 ms, more
-//    requests in flight slow the latency-bound kernels before it).
-constexpr double kL2LateBytes = 0.0;
-constexpr double kL2RestRings = 0.0;
-double g_l2_late_bytes = kL2LateBytes, g_l2_rest_rings = kL2RestRings;
-
-// Items of each warp's stream, past its ring, to prefetch into L2.
-int gemv_l2_items(int k, int pairs, int pairs_per_tile, int ksplit, int blocks, bool late) {
-  const int nvec = k / 8, chunk = (nvec + ksplit - 1) / ksplit;
-  const double item = 2.0 * chunk * 16;
-  if (late) return static_cast<int>(g_l2_late_bytes / ((double)blocks * (kGemvThreads / kWarp) * item));
-  const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;
-  const double per_block = (double)((tiles + blocks - 1) / blocks) * pairs_per_tile * 2 * k * 2;
-  const bool rest = per_block > kGemvRingBytes && per_block <= (1.0 + g_l2_rest_rings) * kGemvRingBytes;
-  return rest ? 1 << 20 : 0;  // every remaining item
-}
-
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const __grid_constant__ GemvParams p) {
   extern __shared__ __align__(16) char smem[];
   gemv_block(p, smem);
@@ -112,7 +87,6 @@ int tilert_gemv(const void* w, const void* x, const void* norm_w, const void* bi
     const int per = fit < 1 ? 1 : fit > 3 ? 3 : fit;
     blocks = blocks * per < tiles ? blocks * per : tiles;
   }
-  p.l2_items = gemv_l2_items(k, pairs, pairs_per_tile, ksplit, blocks, p.late_trigger);
   p.trace = trace_next_launch();
   return launch_co_resident(gemv_kernel, dim3(blocks), dim3(kGemvThreads), smem, stream, pdl, p);
 }
@@ -130,15 +104,6 @@ int tilert_trace_arm(void* buf, void* next, int cap) {
   g_trace = {cap > 0 ? static_cast<unsigned long long*>(buf) : nullptr, static_cast<int*>(next),
              cap, 0};
   return taken;
-}
-
-// The L2 prefetch of GEMV launches made from now on (see gemv_l2_items): bytes
-// for late-trigger GEMVs, rings beyond the first for early ones to prefetch
-// whole; a negative value restores the default.
-int tilert_gemv_set_l2_prefetch(double late_bytes, double rest_rings) {
-  g_l2_late_bytes = late_bytes < 0 ? kL2LateBytes : late_bytes;
-  g_l2_rest_rings = rest_rings < 0 ? kL2RestRings : rest_rings;
-  return 0;
 }
 
 // Launch numbers taken since the timeline was armed.

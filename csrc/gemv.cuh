@@ -53,9 +53,6 @@ struct GemvParams {
   // When the next kernel may launch: 0 as soon as this block's ring is filled,
   // 1 once its weights are all read (gemv_late_trigger).
   int late_trigger;
-  // Items of each warp's stream, past those in its ring, to prefetch into L2
-  // before griddepcontrol.wait (gemv_l2_items).
-  int l2_items;
   TraceRef trace;
 };
 
@@ -258,25 +255,6 @@ __device__ __forceinline__ void gemv_load_step(const GemvParams& p, GemvLoader& 
   cp_async_commit();
 }
 
-// Before the wait, lane 0 of each warp asks L2 for the rest of the warp's
-// current item and its next `l2_items - 1` items (both rows, one bulk prefetch
-// each): bytes the main loop will read, fetched while the previous kernels'
-// latency-bound tails leave DRAM idle. A copy of the loader walks ahead.
-__device__ __forceinline__ void gemv_prefetch_l2(const GemvParams& p, GemvLoader L, int tiles) {
-  if (threadIdx.x % kWarp != 0) return;
-  for (int n = 0; n < p.l2_items && !L.done; ++n) {
-    const int v0 = L.vbeg + L.step * kWarp;
-    if (v0 < L.vend) {
-      const unsigned bytes = (unsigned)(L.vend - v0) * 16u;
-      prefetch_l2_bulk(L.w0 + v0, bytes);
-      if (L.w1 != L.w0) prefetch_l2_bulk(L.w1 + v0, bytes);
-    }
-    L.step = 0;
-    L.it += blockDim.x / kWarp;
-    gemv_loader_seek(p, L, tiles);
-  }
-}
-
 __device__ __forceinline__ void gemv_tile_epilogue(const GemvParams& p, int tile, float* acc,
                                                    float* scratch);
 
@@ -299,7 +277,6 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
   if (!L.done) gemv_loader_seek(p, L, tiles);
 #pragma unroll
   for (int s = 0; s < kGemvStages; ++s) gemv_load_step(p, L, tiles, steps, ring, s);
-  if (p.l2_items > 0) gemv_prefetch_l2(p, L, tiles);
   gemv_load_norm(p, xs);
   unsigned long long* rec = trace_open(p.trace, t0);
   if (!p.late_trigger) pdl_launch_dependents();

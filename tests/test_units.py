@@ -156,20 +156,3 @@ def test_segments_are_private_and_unique():
             s.unlink()
             s.close()
     assert not os.path.exists(a.path)
-
-
-def test_gemv_blocks_fit_rings():
-    """A GEMV slightly larger than one ring a block gets the blocks that hold all
-    of it in their rings (at most two per SM); others keep one block per SM."""
-    from tilert.engine.cuda.kernels import GEMV_RING_BYTES, gemv_blocks
-
-    sms = 132
-    assert gemv_blocks(384, 4 * 4 * 2048, sms) == 192  # Llama-3.2-1B qkv: 12.6 MB
-    assert gemv_blocks(128, 8 * 4 * 2048, sms) == 128  # o_proj: one ring a block already
-    assert gemv_blocks(128, 8 * 4 * 8192, sms) == 128  # down: a tile is four rings
-    assert gemv_blocks(1024, 8 * 4 * 2048, sms) == 132  # gate_up: would need 1024 blocks
-    assert gemv_blocks(5, 1000, sms) == 5
-    for tiles, tile_bytes in ((384, 32768), (700, 16384), (300, 40000)):
-        b = gemv_blocks(tiles, tile_bytes, sms)
-        per_block = -(-tiles // b) * tile_bytes
-        assert b <= 2 * sms and (per_block <= GEMV_RING_BYTES or b == min(tiles, sms))

@@ -43,7 +43,6 @@ _SIGNATURES = {
     "tilert_error_string": [_I],
     "tilert_trace_arm": [_P, _P, _I],
     "tilert_trace_launches": [],
-    "tilert_gemv_set_l2_prefetch": [ctypes.c_double, ctypes.c_double],
 }
 _lib: ctypes.CDLL | None = None
 
@@ -163,29 +162,6 @@ def gemv_tiling(
     return best[1], best[2]
 
 
-# csrc/gemv.cuh kGemvRingBytes: the weight bytes a GEMV block requests before
-# griddepcontrol.wait.
-GEMV_RING_BYTES = 8 * 2 * 16 * 256
-# A GEMV whose blocks would read more than their ring, but whose whole weight
-# fits the rings of at most this many blocks per SM, gets that many more
-# blocks: every weight byte is then requested while the previous kernel runs.
-GEMV_RING_FIT_PER_SM = 2
-
-
-def gemv_blocks(tiles: int, tile_bytes: int, sms: int) -> int:
-    """Blocks of a bf16 GEMV launch: one per SM (at most one per tile), or as
-    many as it takes to put all its weights in their rings before the wait
-    when that is at most GEMV_RING_FIT_PER_SM a SM (Llama-3.2-1B's qkv: 12.6 MB,
-    192 blocks of two 32 KB tiles, instead of 132 blocks of 96 KB)."""
-    blocks = min(tiles, sms)
-    per_ring = GEMV_RING_BYTES // tile_bytes
-    if per_ring >= 1 and math.ceil(tiles / blocks) > per_ring:
-        fit = math.ceil(tiles / per_ring)
-        if fit <= GEMV_RING_FIT_PER_SM * sms:
-            blocks = fit
-    return blocks
-
-
 def gemv(
     w: torch.Tensor,
     x: torch.Tensor,
@@ -263,7 +239,7 @@ def gemv(
     sms = sm_count(dev)
     ppt, ksplit = gemv_tiling(k, epilogue, pairs, sms, head_dim_for_tiling, qk_norm)
     tiles = math.ceil(pairs / ppt)
-    blocks = gemv_blocks(tiles, ppt * 4 * k, sms)
+    blocks = min(tiles, sms)
     if tiling is not None:
         ppt, ksplit, blocks = tiling
         tiles = math.ceil(pairs / ppt)

@@ -108,34 +108,6 @@ def test_gemv_tilings(tiling, epilogue):
         assert torch.equal(out, first)
 
 
-@pytest.mark.parametrize(
-    "tiling", [(8, 1, 3), (4, 2, 5), (2, 4, 1), (1, 8, 7), (3, 3, 2), (4, 2, 40), (8, 1, 60)]
-)
-@pytest.mark.parametrize("late_bytes,rest_rings", [(3e4, 0.5), (1e9, 1e9)])
-def test_gemv_l2_prefetch(tiling, late_bytes, rest_rings):
-    """Bulk L2 prefetches before the wait (late-trigger GEMVs: part of each
-    warp's stream, or with a huge budget every warp walks to its stream's end;
-    early ones with 40 and 60 blocks: the whole rest) leave the result as it
-    was; a bad address or size would fault the launch."""
-    n, k = 1030, 2056
-    w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF)
-    x = torch.randn(k, device=DEV).to(BF)
-    r = torch.randn(n, device=DEV).to(BF)
-    ref = torch.full((n,), float("nan"), device=DEV, dtype=BF)
-    kernels.gemv(w, x, ref, residual=r, tiling=tiling)()
-    lib = kernels.lib()
-    lib.tilert_gemv_set_l2_prefetch(late_bytes, rest_rings)
-    try:
-        out = torch.full((n,), float("nan"), device=DEV, dtype=BF)
-        launch = kernels.gemv(w, x, out, residual=r, tiling=tiling)
-    finally:
-        lib.tilert_gemv_set_l2_prefetch(-1.0, -1.0)
-    launch()
-    torch.cuda.synchronize()
-    assert torch.equal(out, ref)
-    close_bf16(out, (r.float() + (w.float() @ x.float())).to(BF), f"gemv l2 {tiling}")
-
-
 def test_trace_records_each_block():
     """Armed, each GEMV / attention launch takes the next number and each of its
     blocks writes one record of ordered marks; disarmed, nothing is written."""
