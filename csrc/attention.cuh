@@ -108,12 +108,8 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     s_m[threadIdx.x] = -INFINITY;
     s_l[threadIdx.x] = 0.f;
   }
-  // The next kernel (o_proj) may launch once the QKV GEMV has completed, not
-  // before: launched at once, its weight prefetch queued in front of the QKV
-  // GEMV's last loads (benchmarks/NOTES.md); launched here, it streams while
-  // this kernel computes, when DRAM has little else to do.
-  pdl_wait();
   pdl_launch_dependents();
+  pdl_wait();
   trace_mark(rec, 1);
   if (pos >= beg && pos < first_end && threadIdx.x < S::kChunks) {
     const int r = pos - beg, c = threadIdx.x * 8;

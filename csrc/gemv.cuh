@@ -258,33 +258,6 @@ __device__ __forceinline__ void gemv_load_step(const GemvParams& p, GemvLoader& 
 __device__ __forceinline__ void gemv_tile_epilogue(const GemvParams& p, int tile, float* acc,
                                                    float* scratch);
 
-// What the block's first epilogue reads besides its accumulators, asked of L1
-// ahead of time so the epilogue does not pay an L2 round trip (2-3 us while
-// the next kernels' prefetches fill the memory system): before the wait the
-// RoPE tables' rows at the token's position (the position is copied in before
-// the step, the tables are weights); after it, the residual rows of the first
-// tile (written by an earlier kernel of the step).
-__device__ __forceinline__ void gemv_warm_rope(const GemvParams& p) {
-  if (p.epilogue != kRopeKv || threadIdx.x >= kWarp) return;
-  const int pos = *p.pos;
-  const int lines = (p.head_dim * 4 + 127) / 128;  // of one table row
-  if ((int)threadIdx.x < 2 * lines) {
-    const float* row = (threadIdx.x < lines ? p.cos : p.sin) + (size_t)pos * p.head_dim;
-    prefetch_l1(row + (threadIdx.x % lines) * 32);
-  }
-}
-
-__device__ __forceinline__ void gemv_warm_residual(const GemvParams& p, int tiles) {
-  if (p.residual == nullptr || p.epilogue != kStore || threadIdx.x != 0 || (int)blockIdx.x >= tiles)
-    return;
-  const int first = blockIdx.x * p.pairs_per_tile;
-  const int rows = min(2 * min(p.pairs_per_tile, p.pairs - first), p.n - 2 * first);
-  const char* b = reinterpret_cast<const char*>(p.residual + 2 * (size_t)first);
-  const char* e = reinterpret_cast<const char*>(p.residual + 2 * (size_t)first + rows);
-  for (const char* a = b; a < e; a += 128) prefetch_l1(a);
-  prefetch_l1(e - 1);
-}
-
 // All tiles of this block. Shared memory: the lanes' weight rings, the staged
 // input, per-pair accumulators, scratch.
 __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
@@ -305,12 +278,10 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
 #pragma unroll
   for (int s = 0; s < kGemvStages; ++s) gemv_load_step(p, L, tiles, steps, ring, s);
   gemv_load_norm(p, xs);
-  gemv_warm_rope(p);
   unsigned long long* rec = trace_open(p.trace, t0);
   if (!p.late_trigger) pdl_launch_dependents();
   pdl_wait();
   trace_mark(rec, 1);
-  gemv_warm_residual(p, tiles);
 
   gemv_stage_input(p, xs, scratch);
   __syncthreads();
