@@ -219,6 +219,10 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     }
   }
 
+  // Every thread past its rows, and the running (m, l) written: a split left
+  // empty by the rounding of `chunk` ran no round, hence no barrier since s_m
+  // and s_l were set.
+  __syncthreads();
   // The parts' sums into part 0's threads (kParts > 1 means one pair a thread).
   if (S::kParts > 1) {
     if (part > 0 && part < S::kParts) s_red[(part - 1) * S::kPairs + threadIdx.x % S::kSpan] = acc[0];

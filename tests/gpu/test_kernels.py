@@ -265,6 +265,7 @@ ATTN_CASES = [
     (28, 4, 128, 2049, 8192),
     (64, 8, 128, 1500, 2048),  # 8 heads a kv head, two output pairs a thread
     (8, 8, 64, 700, 1024),  # one head a kv head: the rows cut into four parts
+    (28, 4, 128, 2113, 8192),  # 66 splits of 33: the last split is empty
 ]
 
 
