@@ -70,6 +70,21 @@ def random_source(cfg: dict, device: str) -> tuple[TensorSource, dict]:
     return src, weights
 
 
+def staged_graph_executor(workload: str, context: int):
+    """(config, graph executor) at a workload's geometry with random weights,
+    `context` positions prefilled and the next step staged (position = context)."""
+    from tilert.engine.executors.graph import GraphExecutor
+
+    cfg = dict(WORKLOADS[workload])
+    cfg["max_position_embeddings"] = context + 64
+    model = describe(cfg)
+    src, _ = random_source(cfg, "cuda")
+    ex = GraphExecutor(model, src, device="cuda")
+    ex.prefill([i % model.vocab_size for i in range(context)])
+    ex.decode(1)
+    return cfg, ex
+
+
 def weight_bytes_per_token(cfg: dict) -> int:
     """Every matrix and norm once, the LM head once, one embedding row."""
     model = describe(cfg)

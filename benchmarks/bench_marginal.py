@@ -20,10 +20,7 @@ import json
 import sys
 
 import torch
-from bench_decode import WORKLOADS, random_source  # beside this script
-
-from tilert.engine.executors.graph import GraphExecutor
-from tilert.engine.models.llama import describe
+from bench_decode import staged_graph_executor  # beside this script
 
 
 def replay_ms(launches, pdl: bool, n: int = 50) -> float:
@@ -55,13 +52,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    cfg = dict(WORKLOADS[args.workload])
-    cfg["max_position_embeddings"] = args.context + 64
-    model = describe(cfg)
-    src, _ = random_source(cfg, "cuda")
-    ex = GraphExecutor(model, src, device="cuda")
-    ex.prefill([i % model.vocab_size for i in range(args.context)])
-    ex.decode(1)  # stages a step (position = context)
+    _, ex = staged_graph_executor(args.workload, args.context)
     launches = ex.launches
     kinds = sorted({la.name for la in launches})
     rows = []

@@ -34,11 +34,9 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from bench_decode import WORKLOADS, random_source  # beside this script
+from bench_decode import staged_graph_executor  # beside this script
 
 from tilert.engine.cuda import kernels
-from tilert.engine.executors.graph import GraphExecutor
-from tilert.engine.models.llama import describe
 
 WORDS = 7  # csrc/trace.cuh kTraceWords: 5 marks, launch number, SM << 32 | block
 
@@ -192,13 +190,7 @@ def main() -> int:
     ap.add_argument("--json", default="")
     ap.add_argument("--raw", default="", help="records of one traced replay (.npz)")
     args = ap.parse_args()
-    cfg = dict(WORKLOADS[args.workload])
-    cfg["max_position_embeddings"] = args.context + 64
-    model = describe(cfg)
-    src, _ = random_source(cfg, "cuda")
-    ex = GraphExecutor(model, src, device="cuda")
-    ex.prefill([i % model.vocab_size for i in range(args.context)])
-    ex.decode(1)  # stages a step (position = context)
+    cfg, ex = staged_graph_executor(args.workload, args.context)
     launches = ex.launches
     layers = cfg["num_hidden_layers"]
     out: dict = {"device": torch.cuda.get_device_name(0), "workload": args.workload}

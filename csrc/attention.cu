@@ -53,9 +53,10 @@ int tilert_attention(const void* q, const void* k_cache, const void* v_cache, vo
   p.kv_heads = kv_heads;
   p.splits = splits;
   p.scale = scale;
-  if (splits < 1 || splits > kMaxAttnSplits) return static_cast<int>(cudaErrorInvalidValue);
-  p.trace = trace_next_launch();
-  const int group = heads / kv_heads;
+  const int group = kv_heads > 0 ? heads / kv_heads : 0;
+  if (splits < 1 || splits > kMaxAttnSplits || !tilert_attention_supported(head_dim, group))
+    return static_cast<int>(cudaErrorInvalidValue);
+  p.trace = trace_next_launch();  // only for a launch that is made
   if (head_dim == 64) return launch_attention<64>(p, group, stream, pdl);
   if (head_dim == 128) return launch_attention<128>(p, group, stream, pdl);
   return static_cast<int>(cudaErrorInvalidValue);
