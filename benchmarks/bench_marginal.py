@@ -21,20 +21,11 @@ import sys
 
 import torch
 from bench_decode import staged_graph_executor  # beside this script
+from bench_trace import capture
 
 
 def replay_ms(launches, pdl: bool, n: int = 50) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for la in launches:
-            la(side.cuda_stream, pdl=pdl)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        s = torch.cuda.current_stream().cuda_stream
-        for la in launches:
-            la(s, pdl=pdl)
+    graph, _ = capture(launches, False, pdl=pdl)
     for _ in range(5):
         graph.replay()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

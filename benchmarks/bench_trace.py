@@ -49,15 +49,16 @@ def label(la) -> str:
     return la.name
 
 
-def capture(launches, traced: bool, buf=None, nxt=None):
-    """A CUDA graph of the launches (PDL on); with `traced`, the GEMV and
-    attention launches take launch numbers, returned as their names in order."""
+def capture(launches, traced: bool, buf=None, nxt=None, pdl: bool = True):
+    """A CUDA graph of the launches (run once first, outside the capture); with
+    `traced`, the GEMV and attention launches take launch numbers, returned as
+    their names in order."""
     lib = kernels.lib()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for la in launches:
-            la(side.cuda_stream, pdl=True)
+            la(side.cuda_stream, pdl=pdl)
     torch.cuda.current_stream().wait_stream(side)
     names: list[str] = []
     if traced:
@@ -68,7 +69,7 @@ def capture(launches, traced: bool, buf=None, nxt=None):
             s = torch.cuda.current_stream().cuda_stream
             for la in launches:
                 before = lib.tilert_trace_launches()
-                la(s, pdl=True)
+                la(s, pdl=pdl)
                 if lib.tilert_trace_launches() > before:
                     names.append(label(la))
     finally:
