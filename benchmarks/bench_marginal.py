@@ -21,20 +21,12 @@ import sys
 
 import torch
 from bench_decode import staged_graph_executor  # beside this script
-from bench_trace import capture
+from bench_trace import capture, replay_ms
 
 
-def replay_ms(launches, pdl: bool, n: int = 50) -> float:
+def launches_ms(launches, pdl: bool) -> float:
     graph, _ = capture(launches, False, pdl=pdl)
-    for _ in range(5):
-        graph.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        graph.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / n
+    return replay_ms(graph, n=50, batches=1)
 
 
 def main() -> int:
@@ -48,17 +40,17 @@ def main() -> int:
     kinds = sorted({la.name for la in launches})
     rows = []
     for pdl in (True, False):
-        full = replay_ms(launches, pdl)
+        full = launches_ms(launches, pdl)
         rows.append((pdl, "full step", len(launches), full, 0.0))
         for k in kinds:
             rest = [la for la in launches if la.name != k]
-            t = replay_ms(rest, pdl)
+            t = launches_ms(rest, pdl)
             rows.append((pdl, f"without {k}", len(rest), t, full - t))
         gemvs = [la for la in launches if la.name.startswith("gemv")]
-        rows.append((pdl, "gemv launches alone", len(gemvs), replay_ms(gemvs, pdl), 0.0))
+        rows.append((pdl, "gemv launches alone", len(gemvs), launches_ms(gemvs, pdl), 0.0))
         for k in sorted({la.name for la in gemvs}):
             one = next(la for la in gemvs if la.name == k)
-            rows.append((pdl, f"16 x first {k}", 16, replay_ms([one] * 16, pdl), 0.0))
+            rows.append((pdl, f"16 x first {k}", 16, launches_ms([one] * 16, pdl), 0.0))
     print(f"{torch.cuda.get_device_name(0)}, {args.workload}, context {args.context}")
     print(f"{'pdl':<5} {'graph':<34} {'launches':>8} {'ms':>8} {'marginal us':>12}")
     for pdl, name, n, t, m in rows:
