@@ -45,7 +45,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from measure import copy_bandwidth, profile_by_kind, profile_launches  # beside this script
+from measure import (  # beside this script
+    copy_bandwidth,
+    profile_by_kind,
+    profile_launches,
+    time_stream,
+)
 
 from tilert.engine.checkpoint import TensorSource
 from tilert.engine.models.llama import describe
@@ -180,20 +185,6 @@ def summarize(times: list[float], wbytes: int, floor: float) -> dict:
         "GBps": wbytes / med / 1e9,
         "pct_of_floor": 100 * floor / med,
     }
-
-
-def time_stream(ex, warmup: int, steps: int) -> list[float]:
-    """Intervals between consecutive token ids of decode_tokens reaching the host."""
-    stream = ex.decode_tokens(1, count=warmup + steps + 1)
-    for _ in range(warmup + 1):
-        next(stream)
-    out = []
-    t0 = time.perf_counter()
-    for _ in stream:
-        t1 = time.perf_counter()
-        out.append(t1 - t0)
-        t0 = t1
-    return out
 
 
 def bench_graph(model, src, args, pdl: bool):

@@ -50,7 +50,7 @@ import time
 import traceback
 
 import torch
-from measure import copy_bandwidth, profile_launches  # benchmarks/measure.py, beside this
+from measure import copy_bandwidth, profile_launches, time_stream  # beside this script
 
 from tilert.engine.checkpoint import TensorSource
 from tilert.engine.models import describe
@@ -164,32 +164,19 @@ def time_graph(cfg: dict, args, profile: bool = False) -> dict:
     result["device_ms"] = a.elapsed_time(b) / n
     result["launches"] = len(ex.launches)
     try:  # a failure here must not lose the numbers above
-        result["stream_ms"] = summary(time_stream(ex, args))["median_ms"]
+        from tilert.engine.sampling import SamplingParams
+
+        ex.length = args.context
+        sampled = SamplingParams(temperature=1.0, seed=1)  # the experts change
+        result["stream_ms"] = summary(time_stream(ex, args.warmup, args.steps, 3, sampled))[
+            "median_ms"
+        ]
     except Exception as e:
         traceback.print_exc()
         result["stream_error"] = f"{type(e).__name__}: {e}"
     if profile:
         result["profile"] = profile_launches(ex, args.context)
     return result
-
-
-def time_stream(ex, args) -> list[float]:
-    """Intervals between consecutive tokens of decode_tokens reaching the host."""
-    from tilert.engine.sampling import SamplingParams
-
-    ex.length = args.context
-    stream = ex.decode_tokens(
-        3, SamplingParams(temperature=1.0, seed=1), args.warmup + args.steps + 1
-    )
-    for _ in range(args.warmup + 1):
-        next(stream)
-    out = []
-    t0 = time.perf_counter()
-    for _ in stream:
-        t1 = time.perf_counter()
-        out.append(t1 - t0)
-        t0 = t1
-    return out
 
 
 def time_reference(cfg: dict, args) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -23,6 +24,21 @@ def copy_bandwidth(device: str = "cuda") -> float:
         times.append(a.elapsed_time(b) / 1e3)
     del src, dst
     return 2 * n / statistics.median(times[3:])
+
+
+def time_stream(ex, warmup: int, steps: int, token: int = 1, sampling=None) -> list[float]:
+    """Intervals between consecutive token ids of ex.decode_tokens(token,
+    sampling) reaching the host, after `warmup` tokens."""
+    stream = ex.decode_tokens(token, sampling, warmup + steps + 1)
+    for _ in range(warmup + 1):
+        next(stream)
+    out = []
+    t0 = time.perf_counter()
+    for _ in stream:
+        t1 = time.perf_counter()
+        out.append(t1 - t0)
+        t0 = t1
+    return out
 
 
 def profile_launches(ex, context: int, steps: int = 10) -> list[dict]:
