@@ -346,11 +346,10 @@ class GraphExecutor:
         if token is not None and not 0 <= token < self.model.vocab_size:
             raise ValueError(f"token {token} is outside the vocabulary of {self.model.vocab_size}")
         with torch.cuda.device(self.device):
+            self._stage(token, config)
             if self.eager or stop_after is not None:
-                self._stage(token, config)
                 self._run_eager(trace, stop_after, slot)
             else:
-                self._stage(token, config)
                 if self._graphs is None:
                     # Warm-up runs the step (at this position, so it writes only
                     # the rows this step writes) and its sampler, which
