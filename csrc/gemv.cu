@@ -109,10 +109,6 @@ int tilert_trace_arm(void* buf, void* next, int cap) {
 // Launch numbers taken since the timeline was armed.
 int tilert_trace_launches() { return g_trace.launch; }
 
-int tilert_gemv_tiles(int pairs, int pairs_per_tile) {
-  return (pairs + pairs_per_tile - 1) / pairs_per_tile;
-}
-
 // Device address of pinned host memory (the sampler writes the token there).
 int tilert_host_device_pointer(void* host, void** device) {
   return static_cast<int>(cudaHostGetDevicePointer(device, host, 0));
