@@ -37,7 +37,7 @@ struct GemvParams {
   void* out;
   const float* cos;      // [positions, head_dim] (kRopeKv)
   const float* sin;
-  const int* pos;        // device scalar: position of the token (kRopeKv)
+  const int* pos;        // device scalar: position of the token (kRopeKv); a step input, read before the wait
   bf16* k_cache;         // [positions, kv_heads, head_dim]
   bf16* v_cache;
   const bf16* q_norm;    // [head_dim] per-head RMSNorm weights (Qwen3) or null
@@ -170,27 +170,52 @@ __device__ __forceinline__ void gemv_stage_input(const GemvParams& p, bf16* xs, 
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) xs4[v] = gemv_norm8(x4[v], xs4[v], r);
 }
 
-__device__ __forceinline__ void gemv_epilogue_store(const GemvParams& p, int r, float acc) {
+// What a tile's epilogue reads from global memory, loaded by its thread when
+// the tile's main loop starts so that the round trip overlaps the loop
+// (residual rows of a store; cos/sin of a RoPE pair). On an H100 the qkv GEMV
+// spent two dependent L2 round trips (position, then the tables) in each of
+// its tiles' epilogues.
+struct GemvEpiIn {
+  float a, b, c, d;
+};
+
+__device__ __forceinline__ GemvEpiIn gemv_epilogue_operands(const GemvParams& p, int tile, int pos) {
+  GemvEpiIn e = {0.f, 0.f, 0.f, 0.f};
+  const int pair = tile * p.pairs_per_tile + threadIdx.x;
+  if (threadIdx.x >= p.pairs_per_tile || pair >= p.pairs) return e;
+  if (p.epilogue == kStore && p.residual != nullptr) {
+    e.a = __bfloat162float(p.residual[2 * pair]);
+    if (2 * pair + 1 < p.n) e.b = __bfloat162float(p.residual[2 * pair + 1]);
+  } else if (p.epilogue == kRopeKv) {
+    const int half = p.head_dim / 2;
+    if (pair / half < p.heads + p.kv_heads) {
+      const int i = pair % half;
+      const float* c = p.cos + (size_t)pos * p.head_dim;
+      const float* s = p.sin + (size_t)pos * p.head_dim;
+      e = {c[i], s[i], c[i + half], s[i + half]};
+    }
+  }
+  return e;
+}
+
+__device__ __forceinline__ void gemv_epilogue_store(const GemvParams& p, int r, float acc, float res) {
   if (p.bias) acc += __bfloat162float(p.bias[r]);
-  if (p.residual) acc = __bfloat162float(p.residual[r]) + round_bf16(acc);
+  if (p.residual) acc = res + round_bf16(acc);
   static_cast<bf16*>(p.out)[r] = __float2bfloat16(acc);
 }
 
 __device__ __forceinline__ void gemv_epilogue_rope(const GemvParams& p, int pair, float x0,
-                                                   float x1) {
+                                                   float x1, const GemvEpiIn& e, int pos) {
   const int half = p.head_dim / 2;
   const int h = pair / half, i = pair % half;
-  const int pos = *p.pos;
   if (h >= p.heads + p.kv_heads) {  // v: no rotation, straight into the cache
     bf16* dst = p.v_cache + ((size_t)pos * p.kv_heads + (h - p.heads - p.kv_heads)) * p.head_dim;
     dst[i] = __float2bfloat16(x0);
     dst[i + half] = __float2bfloat16(x1);
     return;
   }
-  const float* c = p.cos + (size_t)pos * p.head_dim;
-  const float* s = p.sin + (size_t)pos * p.head_dim;
-  const float y0 = x0 * c[i] - x1 * s[i];
-  const float y1 = x1 * c[i + half] + x0 * s[i + half];
+  const float y0 = x0 * e.a - x1 * e.b;
+  const float y1 = x1 * e.c + x0 * e.d;
   bf16* dst = h < p.heads ? static_cast<bf16*>(p.out) + (size_t)h * p.head_dim
                           : p.k_cache + ((size_t)pos * p.kv_heads + (h - p.heads)) * p.head_dim;
   dst[i] = __float2bfloat16(y0);
@@ -256,7 +281,7 @@ __device__ __forceinline__ void gemv_load_step(const GemvParams& p, GemvLoader& 
 }
 
 __device__ __forceinline__ void gemv_tile_epilogue(const GemvParams& p, int tile, float* acc,
-                                                   float* scratch);
+                                                   float* scratch, const GemvEpiIn& e, int pos);
 
 // All tiles of this block. Shared memory: the lanes' weight rings, the staged
 // input, per-pair accumulators, scratch.
@@ -278,11 +303,15 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
 #pragma unroll
   for (int s = 0; s < kGemvStages; ++s) gemv_load_step(p, L, tiles, steps, ring, s);
   gemv_load_norm(p, xs);
+  // The position is a step input, copied in before the step (never written by
+  // a kernel of it), so it is read before the wait.
+  const int pos = p.epilogue == kRopeKv ? *p.pos : 0;
   unsigned long long* rec = trace_open(p.trace, t0);
   if (!p.late_trigger) pdl_launch_dependents();
   pdl_wait();
   trace_mark(rec, 1);
 
+  GemvEpiIn epi = gemv_epilogue_operands(p, blockIdx.x, pos);  // in flight with the input
   gemv_stage_input(p, xs, scratch);
   __syncthreads();
   trace_mark(rec, 2);
@@ -312,7 +341,8 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
     }
     trace_mark(rec, 3);
     __syncthreads();
-    gemv_tile_epilogue(p, tile, acc, scratch);
+    gemv_tile_epilogue(p, tile, acc, scratch, epi, pos);
+    if (tile + gridDim.x < tiles) epi = gemv_epilogue_operands(p, tile + gridDim.x, pos);
     __syncthreads();
   }
   if (p.late_trigger) pdl_launch_dependents();
@@ -323,7 +353,7 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
 // The tile's epilogue, by every thread of the block: thread j finishes pair j
 // from its partials in acc.
 __device__ __forceinline__ void gemv_tile_epilogue(const GemvParams& p, int tile, float* acc,
-                                                   float* scratch) {
+                                                   float* scratch, const GemvEpiIn& e, int pos) {
   const int first = tile * p.pairs_per_tile;
   const int count = min(p.pairs_per_tile, p.pairs - first);
   const int j = threadIdx.x;
@@ -335,8 +365,8 @@ __device__ __forceinline__ void gemv_tile_epilogue(const GemvParams& p, int tile
   switch (p.epilogue) {
     case kStore:
       if (mine) {
-        gemv_epilogue_store(p, r0, a0);
-        if (r1 >= 0) gemv_epilogue_store(p, r1, a1);
+        gemv_epilogue_store(p, r0, a0, e.a);
+        if (r1 >= 0) gemv_epilogue_store(p, r1, a1, e.b);
       }
       break;
     case kSiluMul:
@@ -368,7 +398,7 @@ __device__ __forceinline__ void gemv_tile_epilogue(const GemvParams& p, int tile
           x1 = round_bf16(round_bf16(x1 * r) * __bfloat162float(nw[i + p.head_dim / 2]));
         }
       }
-      if (mine) gemv_epilogue_rope(p, first + j, x0, x1);
+      if (mine) gemv_epilogue_rope(p, first + j, x0, x1, e, pos);
       break;
     }
     case kLogits: {
