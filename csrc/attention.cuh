@@ -259,16 +259,21 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     return;
   }
 
-  // Last split of this kv head to arrive merges all splits.
-  __threadfence();
+  // Last split of this kv head to arrive merges all splits. One thread
+  // releases the block's partial results (the barrier orders the other
+  // threads' writes before its fence) and acquires the others'.
   __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(&p.tickets[kvh], 1) == splits - 1;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const bool last = atomicAdd(&p.tickets[kvh], 1) == splits - 1;
+    if (last) __threadfence();
+    s_last = last;
+  }
   __syncthreads();
   if (!s_last) {
     trace_close(rec);
     return;
   }
-  __threadfence();
   // NOTES: all loads of a round of splits are issued before any is used; one
   // dependent L2 round trip per split cost ~0.7 us each, and 2-3 us while the
   // next kernels' weight prefetches fill the memory system. The splits are
