@@ -39,7 +39,8 @@ int tilert_attention_supported(int head_dim, int group) {
 
 int tilert_attention(const void* q, const void* k_cache, const void* v_cache, void* out,
                      const int* pos, float* part_o, float* part_ml, int* tickets, int heads,
-                     int kv_heads, int head_dim, int splits, float scale, void* stream, int pdl) {
+                     int kv_heads, int head_dim, int splits, float scale, int late_trigger,
+                     void* stream, int pdl) {
   AttnParams p = {};
   p.q = static_cast<const bf16*>(q);
   p.k_cache = static_cast<const bf16*>(k_cache);
@@ -53,6 +54,7 @@ int tilert_attention(const void* q, const void* k_cache, const void* v_cache, vo
   p.kv_heads = kv_heads;
   p.splits = splits;
   p.scale = scale;
+  p.late_trigger = late_trigger;
   const int group = kv_heads > 0 ? heads / kv_heads : 0;
   if (splits < 1 || splits > kMaxAttnSplits || !tilert_attention_supported(head_dim, group))
     return static_cast<int>(cudaErrorInvalidValue);

@@ -33,6 +33,9 @@ struct AttnParams {
   int* tickets;         // [kv_heads], zero between launches (the merging block resets it)
   int heads, kv_heads, splits;
   float scale;          // softmax scale, 1/sqrt(D) for Llama
+  // When the next kernel may launch: 0 at once (its blocks fill their rings
+  // during this kernel), 1 once this block's wait returns (see attention.cu).
+  int late_trigger;
   TraceRef trace;
 };
 
@@ -108,8 +111,9 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     s_m[threadIdx.x] = -INFINITY;
     s_l[threadIdx.x] = 0.f;
   }
-  pdl_launch_dependents();
+  if (!p.late_trigger) pdl_launch_dependents();
   pdl_wait();
+  if (p.late_trigger) pdl_launch_dependents();
   trace_mark(rec, 1);
   if (pos >= beg && pos < first_end && threadIdx.x < S::kChunks) {
     const int r = pos - beg, c = threadIdx.x * 8;

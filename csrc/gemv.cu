@@ -91,6 +91,13 @@ int tilert_gemv(const void* w, const void* x, const void* norm_w, const void* bi
   return launch_co_resident(gemv_kernel, dim3(blocks), dim3(kGemvThreads), smem, stream, pdl, p);
 }
 
+// Whether a GEMV of this shape lets the next kernel launch only after its
+// main loop (gemv_late_trigger, for the launch's own tiling).
+int tilert_gemv_late_trigger(int k, int pairs, int pairs_per_tile, int blocks) {
+  const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;
+  return gemv_late_trigger(k, pairs, pairs_per_tile, blocks < tiles ? blocks : tiles);
+}
+
 int tilert_embed(const void* table, const int* ids, void* x, int hidden, void* stream, int pdl) {
   return launch_co_resident(embed_kernel, dim3(1), dim3(256), 0, stream, pdl,
                             static_cast<const bf16*>(table), ids, static_cast<bf16*>(x), hidden);

@@ -34,7 +34,8 @@ _F = ctypes.c_float
 _SIGNATURES = {
     "tilert_gemv": [_P] * 15 + [_I] * 10 + [_F, _I, _P, _I],
     "tilert_embed": [_P, _P, _P, _I, _P, _I],
-    "tilert_attention": [_P] * 8 + [_I] * 4 + [_F, _P, _I],
+    "tilert_attention": [_P] * 8 + [_I] * 4 + [_F, _I, _P, _I],
+    "tilert_gemv_late_trigger": [_I] * 4,
     "tilert_attention_supported": [_I, _I],
     "tilert_sample": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _I],
     "tilert_sample_config_size": [],
@@ -106,6 +107,7 @@ class Launch:
     args: tuple
     keep: tuple = ()  # tensors that must outlive the launch
     ops: tuple = ()
+    late_trigger: bool = False  # lets the next kernel launch only near its end
 
     def __call__(self, stream: int | None = None, pdl: bool = False) -> None:
         if stream is None:
@@ -280,7 +282,8 @@ def gemv(
         blocks,
     )
     keep = (w, x, out, norm_weight, bias, residual, rope, part_max, part_idx)
-    return Launch(f"gemv[{epilogue}]", lib().tilert_gemv, args, keep)
+    late = bool(lib().tilert_gemv_late_trigger(k, pairs, ppt, blocks))
+    return Launch(f"gemv[{epilogue}]", lib().tilert_gemv, args, keep, late_trigger=late)
 
 
 def logits_tiles(n: int, k: int, device: Any) -> int:
@@ -333,10 +336,13 @@ def attention(
     pos: torch.Tensor,
     ws: AttentionWorkspace,
     scale: float | None = None,
+    late_trigger: bool = False,
 ) -> Launch:
     """out [Hq*D] = softmax(q k^T * scale) v over cache positions [0, pos].
 
-    q [Hq, D] bf16; caches [positions, Hkv, D] bf16; pos device int32 [1]."""
+    q [Hq, D] bf16; caches [positions, Hkv, D] bf16; pos device int32 [1].
+    late_trigger: the next kernel launches once this one's wait returns, not
+    at once (GraphExecutor chooses per model)."""
     dev = q.device
     heads, d = q.shape
     positions, kv_heads, _ = k_cache.shape
@@ -360,8 +366,15 @@ def attention(
         d,
         splits,
         float(scale if scale is not None else 1.0 / math.sqrt(d)),
+        int(late_trigger),
     )
-    return Launch("attention", lib().tilert_attention, args, (q, k_cache, v_cache, out, pos, ws))
+    return Launch(
+        "attention",
+        lib().tilert_attention,
+        args,
+        (q, k_cache, v_cache, out, pos, ws),
+        late_trigger=late_trigger,
+    )
 
 
 def host_device_pointer(t: torch.Tensor) -> int:
