@@ -10,6 +10,27 @@ namespace {
 TraceRef g_trace = {nullptr, nullptr, 0, 0};
 }  // namespace
 
+// Blocks walk the tiles: `blocks` (the host passes about one per SM), at
+// most one per tile. A GEMV that triggers late runs up to three blocks per
+// SM, as many as shared memory holds: Llama-3.2-1B's gate_up so took its step
+// from 1.21 to 1.15 ms on an H100 (benchmarks/NOTES.md), though alone it runs
+// 2% slower.
+static cudaError_t gemv_plan(int k, int pairs, int pairs_per_tile, int ksplit, int* blocks, int* late) {
+  const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;
+  if (*blocks > tiles) *blocks = tiles;
+  *late = gemv_late_trigger(k, pairs, pairs_per_tile, *blocks);
+  if (!*late) return cudaSuccess;
+  int dev = 0, per_sm = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  if (e != cudaSuccess) return e;
+  const int fit = per_sm / (gemv_smem_bytes(k, pairs_per_tile, ksplit) + 1024);  // 1 KB a block is reserved
+  const int per = fit < 1 ? 1 : fit > 3 ? 3 : fit;
+  *blocks = *blocks * per < tiles ? *blocks * per : tiles;
+  return cudaSuccess;
+}
+
 TraceRef trace_next_launch() {
   TraceRef r = g_trace;
   if (g_trace.buf != nullptr) ++g_trace.launch;
@@ -68,34 +89,25 @@ int tilert_gemv(const void* w, const void* x, const void* norm_w, const void* bi
   p.kv_heads = kv_heads;
   p.head_dim = head_dim;
   p.eps = eps;
-  // Blocks walk the tiles (the host passes about one per SM).
-  const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;
   if (blocks < 1) return static_cast<int>(cudaErrorInvalidValue);
-  if (blocks > tiles) blocks = tiles;
-  p.late_trigger = gemv_late_trigger(k, pairs, pairs_per_tile, blocks);
-  const int smem = gemv_smem_bytes(k, pairs_per_tile, ksplit);
-  if (p.late_trigger) {
-    // A large GEMV runs up to three blocks per SM, as many as shared memory
-    // holds: Llama-3.2-1B's gate_up so took its step from 1.21 to 1.15 ms on
-    // an H100 (benchmarks/NOTES.md), though alone it runs 2% slower.
-    int dev = 0, per_sm = 0;
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess)
-      e = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-    if (e != cudaSuccess) return static_cast<int>(e);
-    const int fit = per_sm / (smem + 1024);  // 1 KB a block is reserved
-    const int per = fit < 1 ? 1 : fit > 3 ? 3 : fit;
-    blocks = blocks * per < tiles ? blocks * per : tiles;
-  }
+  int late = 0;
+  const cudaError_t e = gemv_plan(k, pairs, pairs_per_tile, ksplit, &blocks, &late);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  p.late_trigger = late;
   p.trace = trace_next_launch();
-  return launch_co_resident(gemv_kernel, dim3(blocks), dim3(kGemvThreads), smem, stream, pdl, p);
+  return launch_co_resident(gemv_kernel, dim3(blocks), dim3(kGemvThreads),
+                            gemv_smem_bytes(k, pairs_per_tile, ksplit), stream, pdl, p);
 }
 
-// Whether a GEMV of this shape lets the next kernel launch only after its
-// main loop (gemv_late_trigger, for the launch's own tiling).
-int tilert_gemv_late_trigger(int k, int pairs, int pairs_per_tile, int blocks) {
-  const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;
-  return gemv_late_trigger(k, pairs, pairs_per_tile, blocks < tiles ? blocks : tiles);
+// The launch a tiling gets (gemv_plan): the blocks it runs and whether it
+// lets the next kernel launch only after its main loop. The host's tiling
+// choice weighs candidates by it.
+int tilert_gemv_plan(int k, int pairs, int pairs_per_tile, int ksplit, int blocks, int* out_blocks,
+                     int* out_late) {
+  if (blocks < 1 || pairs_per_tile < 1) return static_cast<int>(cudaErrorInvalidValue);
+  const cudaError_t e = gemv_plan(k, pairs, pairs_per_tile, ksplit, &blocks, out_late);
+  *out_blocks = blocks;
+  return static_cast<int>(e);
 }
 
 int tilert_embed(const void* table, const int* ids, void* x, int hidden, void* stream, int pdl) {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ _SIGNATURES = {
     "tilert_gemv": [_P] * 15 + [_I] * 10 + [_F, _I, _P, _I],
     "tilert_embed": [_P, _P, _P, _I, _P, _I],
     "tilert_attention": [_P] * 8 + [_I] * 4 + [_F, _I, _P, _I],
-    "tilert_gemv_late_trigger": [_I] * 4,
+    "tilert_gemv_plan": [_I] * 5 + [ctypes.POINTER(ctypes.c_int)] * 2,
     "tilert_attention_supported": [_I, _I],
     "tilert_sample": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _I],
     "tilert_sample_config_size": [],
@@ -143,35 +144,79 @@ def sm_count(device: Any) -> int:
 # warp steps. Measured on an H100 in the Llama-3.2-1B step (bench_trace): a
 # tile of 4 or 8 steps whose weights were already in shared memory took ~2 us,
 # a step ~0.15-0.2 us. With 1 here the qkv GEMV took 3 tiles of 4 steps a
-# block (K split in two); with 8 it takes 2 tiles of 8: qkv 8.4 -> 7.2 us a
-# layer, the step 1.085 -> 1.060 ms. No other GEMV of Llama-3.2-1B or SmolLM2
-# changes its tiling.
+# block (K split in two); with 8 and one item a warp it took 2 tiles of 8:
+# qkv 8.4 -> 7.2 us a layer, the step 1.085 -> 1.060 ms.
 _TILE_STEPS = 8
+
+# (pairs per tile, K split, blocks asked) -> (blocks run, late trigger)
+Plan = Callable[[int, int, int], tuple[int, bool]]
 
 
 def gemv_tiling(
-    k: int, epilogue: str, pairs: int, sms: int, head_dim: int = 0, qk_norm: bool = False
+    k: int,
+    epilogue: str,
+    pairs: int,
+    sms: int,
+    head_dim: int = 0,
+    qk_norm: bool = False,
+    plan: Plan | None = None,
 ) -> tuple[int, int]:
-    """(pairs per tile, K split) for the bf16 GEMV: eight warps a block, one item
-    (a pair of rows, or 1/ksplit of it along K) per warp and tile. At most one
-    block per SM walks the tiles, so the split is the one that gives the busiest
-    block the fewest warp steps (32 vectors of 8 elements per step, plus
-    _TILE_STEPS for each tile's end); ties go to longer items."""
+    """(pairs per tile, K split) for the bf16 GEMV. Eight warps a block; an item
+    is a pair of rows, or 1/ksplit of it along K; a tile is m items a warp
+    (8m/ksplit pairs). Blocks walk the tiles; the choice gives the busiest block
+    the least work: tiles a block x (m x (steps + 1) + _TILE_STEPS), a step being
+    32 vectors of 8 elements and an item's end (a warp's sums) counted as one.
+    `plan` says how many blocks a launch of a tiling runs (the library's rule,
+    tilert_gemv_plan: up to three per SM for a GEMV that triggers late);
+    without it, one per SM.
+
+    Several items a warp are whole rows (K not split) shorter than a tile's
+    end: there the ends dominate and fewer, longer tiles pay (H100, one run:
+    SmolLM2, K = 576, gate_up on 96 blocks of 16 pairs and the LM head on 384
+    of 64 instead of 8 pairs a tile took the step 0.564 -> 0.542 ms), while
+    with rows of 8 steps or more they did not (Llama-3.2-1B, K = 2048: qkv on
+    128 blocks of 12 x 2 items about even, gate_up on 342 blocks of 24 pairs and
+    the LM head on 382 of 168 1.065 -> 1.077 ms). A tiling that would change
+    when the GEMV lets the next kernel launch (the one-item tiling's choice) is
+    not taken: that moves the next kernels' prefetch, which this count does not
+    see. Ties go to longer items, then to fewer items a tile."""
     if epilogue == "rope_kv" and qk_norm:
         # The per-head norm needs the whole head in one block.
         return head_dim // 2, max(1, min(8, k // 2048))
     nvec = k // 8
+    if plan is None:
+        plan = lambda ppt, ksplit, blocks: (blocks, False)  # noqa: E731
+    late = plan(8, 1, min(math.ceil(pairs / 8), sms))[1]
     best = None
     for ksplit in (1, 2, 4, 8):
         chunk = math.ceil(nvec / ksplit)
         if ksplit > 1 and chunk < 32:
             break  # a part shorter than one step of the warp
-        ppt = 8 // ksplit
-        tiles = math.ceil(pairs / ppt)
-        cost = math.ceil(tiles / min(tiles, sms)) * (math.ceil(chunk / 32) + _TILE_STEPS)
-        if best is None or cost < best[0]:
-            best = (cost, ppt, ksplit)
+        steps = math.ceil(chunk / 32)
+        for m in range(1, 256 // 8 + 1):
+            ppt = 8 * m // ksplit
+            tiles = math.ceil(pairs / ppt)
+            blocks, its_late = plan(ppt, ksplit, min(tiles, sms))
+            per_block = math.ceil(tiles / blocks)
+            if its_late != late or (m > 1 and (ksplit > 1 or steps >= _TILE_STEPS)):
+                if per_block == 1:
+                    break
+                continue
+            cost = per_block * (m * (steps + 1) + _TILE_STEPS)
+            if best is None or cost < best[0]:
+                best = (cost, ppt, ksplit)
+            if per_block == 1 or ppt >= pairs:
+                break  # larger tiles only lengthen the one a block has
     return best[1], best[2]
+
+
+def gemv_plan(k: int, pairs: int, ppt: int, ksplit: int, blocks: int) -> tuple[int, bool]:
+    """(blocks, late trigger) of a GEMV launch with this tiling on the current device."""
+    nb, late = ctypes.c_int(), ctypes.c_int()
+    rc = lib().tilert_gemv_plan(k, pairs, ppt, ksplit, blocks, ctypes.byref(nb), ctypes.byref(late))
+    if rc != 0:
+        raise CudaError(f"gemv plan: {lib().tilert_error_string(rc).decode()}")
+    return nb.value, bool(late.value)
 
 
 def gemv(
@@ -249,7 +294,9 @@ def gemv(
     else:
         raise ValueError(f"gemv: unknown epilogue {epilogue!r}")
     sms = sm_count(dev)
-    ppt, ksplit = gemv_tiling(k, epilogue, pairs, sms, head_dim_for_tiling, qk_norm)
+    ppt, ksplit = gemv_tiling(
+        k, epilogue, pairs, sms, head_dim_for_tiling, qk_norm, _planner(k, pairs)
+    )
     tiles = math.ceil(pairs / ppt)
     blocks = min(tiles, sms)
     if tiling is not None:
@@ -292,14 +339,19 @@ def gemv(
         blocks,
     )
     keep = (w, x, out, norm_weight, bias, residual, rope, part_max, part_idx)
-    late = bool(lib().tilert_gemv_late_trigger(k, pairs, ppt, blocks))
+    _, late = gemv_plan(k, pairs, ppt, ksplit, blocks)
     return Launch(f"gemv[{epilogue}]", lib().tilert_gemv, args, keep, late_trigger=late)
+
+
+def _planner(k: int, pairs: int) -> Plan:
+    return lambda ppt, ksplit, blocks: gemv_plan(k, pairs, ppt, ksplit, blocks)
 
 
 def logits_tiles(n: int, k: int, device: Any) -> int:
     """Length of part_max / part_idx for a logits GEMV of N rows on `device`."""
     pairs = (n + 1) // 2
-    ppt, _ = gemv_tiling(k, "logits", pairs, sm_count(device))
+    with torch.cuda.device(device):
+        ppt, _ = gemv_tiling(k, "logits", pairs, sm_count(device), plan=_planner(k, pairs))
     return math.ceil(pairs / ppt)
 
 

@@ -75,9 +75,16 @@ def test_gemv_store(n, k, norm, residual):
 
 
 # (pairs per tile, K split, blocks): a block walking many tiles (its weight
-# stream crossing tile and item boundaries), K splits summed across warps, and
-# warps with no item in a tile (3 x 2 items for 8 warps).
-@pytest.mark.parametrize("tiling", [(8, 1, 1), (4, 2, 3), (2, 4, 7), (1, 8, 132), (2, 3, 5)])
+# stream crossing tile and item boundaries), K splits summed across warps,
+# warps with no item in a tile (3 x 2 items for 8 warps), and tiles of several
+# items a warp (12 x 2, 24, 40 and 21 x 8 items: 3, 3, 5 and 21 a warp).
+@pytest.mark.parametrize(
+    "tiling",
+    [
+        *[(8, 1, 1), (4, 2, 3), (2, 4, 7), (1, 8, 132), (2, 3, 5)],
+        *[(12, 2, 5), (24, 1, 7), (40, 1, 3), (21, 8, 3)],
+    ],
+)
 @pytest.mark.parametrize("epilogue", ["store", "silu_mul"])
 def test_gemv_tilings(tiling, epilogue):
     n, k = 1030, 2056  # 257 vectors a row: the last step of an item is one lane wide
