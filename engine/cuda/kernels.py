@@ -177,9 +177,9 @@ def gemv_tiling(
     with rows of 8 steps or more they did not (Llama-3.2-1B, K = 2048: qkv on
     128 blocks of 12 x 2 items about even, gate_up on 342 blocks of 24 pairs and
     the LM head on 382 of 168 1.065 -> 1.077 ms). A tiling that would change
-    when the GEMV lets the next kernel launch (the one-item tiling's choice) is
-    not taken: that moves the next kernels' prefetch, which this count does not
-    see. Ties go to longer items, then to fewer items a tile."""
+    when the GEMV lets the next kernel launch (against tiles of 8 whole-row
+    pairs) is not taken: that moves the next kernels' prefetch, which this
+    count does not see. Ties go to longer items, then to fewer items a tile."""
     if epilogue == "rope_kv" and qk_norm:
         # The per-head norm needs the whole head in one block.
         return head_dim // 2, max(1, min(8, k // 2048))
