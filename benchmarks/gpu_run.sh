@@ -79,6 +79,12 @@ for b in ${BENCHES-decode deepseek}; do
   esac
 done
 
+# AB: other source trees to time against this one, NAME=DIR ... (benchmarks/ab_trace.sh).
+if [ -n "${AB:-}" ]; then
+  # shellcheck disable=SC2086  # NAME=DIR words
+  step compare 900 bash benchmarks/ab_trace.sh $AB
+fi
+
 echo
 echo "=== summary"
 printf '%s\n' "${status[@]}"
@@ -91,6 +97,7 @@ done
 [ -f "$OUT/bench_deepseek.log" ] && sed -n "/copy bandwidth/,\$p" "$OUT/bench_deepseek.log"
 [ -f "$OUT/bench_marginal.log" ] && sed -n "/context/,\$p" "$OUT/bench_marginal.log"
 for f in "$OUT"/bench_trace*.log; do [ -f "$f" ] && sed -n "/context/,\$p" "$f"; done
+[ -f "$OUT/compare.log" ] && grep -E "untraced" "$OUT/compare.log"
 # A device run returns at most 8 files: the logs travel as one archive.
 (cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tgz ./*.log && rm -f ./*.log)
 true  # the run's outcome is in the summary above, not in the last test of a listing

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Times source trees side by side in one GPU run: bench_trace.py (the untraced
+# step, then the per-block timeline with its records kept) for this tree and
+# for each NAME=DIR given (another tree of tilert, say the base commit unpacked
+# with `git archive REV | tar -x -C DIR`), on each workload of WORKLOADS. This
+# tree runs first and again last, so drift on the card shows. One line per
+# (tree, workload): the step and, per launch kind, blocks/inc/post in us. Logs,
+# JSON and records go to $OUT as one archive, ab.tgz (a device run returns few
+# files). Run it after gpu_run.sh has installed and built this tree:
+#   BENCHES= bash benchmarks/gpu_run.sh && bash benchmarks/ab_trace.sh base=.ab/base
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export TILERT_CACHE=${TILERT_CACHE:-/tmp/tilert-cache} PYTHONUNBUFFERED=1
+[ -d /tmp/tilert-site ] && export PYTHONPATH="/tmp/tilert-site${PYTHONPATH:+:$PYTHONPATH}"
+WORKLOADS=${WORKLOADS:-llama-3.2-1b smollm2-135m}
+
+one() {  # one NAME DIR WORKLOAD
+  local f="$OUT/ab_$1_$3"
+  local args=(bench_trace.py --workload "$3" --json "$f.json" --raw "$f.npz")
+  if [ "$2" = . ]; then
+    (cd benchmarks && timeout 150 python3 "${args[@]}") >"$f.log" 2>&1
+  else
+    timeout 180 bash benchmarks/run_base.sh "$2" python3 "${args[@]}" >"$f.log" 2>&1
+  fi
+  echo "$1 $3: $(grep 'step untraced' "$f.log")" \
+    "$(grep -E '^(qkv|attn|o_proj|gate_up|down|lm_head) ' "$f.log" |
+      awk '{printf "%s %s/%s/%s  ", $1, $3, $4, $6}')"
+}
+
+for w in $WORKLOADS; do one this . "$w"; done
+for spec in "$@"; do
+  for w in $WORKLOADS; do one "${spec%%=*}" "${spec#*=}" "$w"; done
+done
+for w in $WORKLOADS; do one this-again . "$w"; done
+(cd "$OUT" && tar czf ab.tgz ab_* && rm -f ab_*)
