@@ -191,15 +191,10 @@ class GraphExecutor:
         ]
         if any(la.late_trigger for la in layer_gemvs):
             return launches
-        out = []
-        for la in launches:
-            if la.name == "attention":
-                q, k, v, o, pos, ws = la.keep
-                cut = kernels.attention(q, k, v, o, pos, ws, la.args[-2], late_trigger=True)
-                cut.ops = la.ops
-                la = cut
-            out.append(la)
-        return out
+        return [
+            self._lower_attention(la.ops[0], late_trigger=True) if la.name == "attention" else la
+            for la in launches
+        ]
 
     def _lower_linear(self, norm: Op | None, op: Op, epi: Op | None) -> kernels.Launch:
         p = self._params(op)
@@ -250,7 +245,7 @@ class GraphExecutor:
             )
         return self._rope_tables[key]
 
-    def _lower_attention(self, op: Op) -> kernels.Launch:
+    def _lower_attention(self, op: Op, late_trigger: bool = False) -> kernels.Launch:
         a = op.attrs
         q = self.bufs[op.inputs[0]]
         heads, d = q.shape
@@ -262,7 +257,9 @@ class GraphExecutor:
                 heads, a["kv_heads"], d, splits, self.device
             )
         out = self._buf(op.outputs[0], (heads * d,), torch.bfloat16)
-        la = kernels.attention(q, k_cache, v_cache, out, self._pos, self._attn_ws)
+        la = kernels.attention(
+            q, k_cache, v_cache, out, self._pos, self._attn_ws, late_trigger=late_trigger
+        )
         la.ops = (op,)
         return la
 
