@@ -40,11 +40,7 @@ fi
 
 # Offline editable install; if pip cannot, put a namespace of links on PYTHONPATH.
 if ! step install 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e client -e .; then
-  ns=$(mktemp -d)/site
-  mkdir -p "$ns/tilert"
-  ln -s "$PWD/engine" "$ns/tilert/engine"
-  ln -s "$PWD/service" "$ns/tilert/service"
-  ln -s "$PWD/client/tilert_client" "$ns/tilert_client"
+  ns=$(bash benchmarks/site_links.sh .)
   export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
   echo "install failed: using PYTHONPATH=$PYTHONPATH"
 fi

@@ -8,11 +8,7 @@
 set -eu
 base=$(cd "$1" && pwd)
 shift
-ns=$(mktemp -d)/site
-mkdir -p "$ns/tilert"
-ln -s "$base/engine" "$ns/tilert/engine"
-ln -s "$base/service" "$ns/tilert/service"
-ln -s "$base/client/tilert_client" "$ns/tilert_client"
+ns=$(bash "$(dirname "$0")/site_links.sh" "$base")
 export PYTHONPATH="$ns${PYTHONPATH:+:$PYTHONPATH}"
 export TILERT_CACHE="${TILERT_CACHE:-/tmp/tilert-cache}-base"
 cd "$base/benchmarks"
