@@ -160,19 +160,16 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       for (int c0 = 0; c0 < S::kChunks; ++c0) {
         const int c = (c0 + t) % S::kChunks;
         const uint4 kr = *reinterpret_cast<const uint4*>(s_k + t * kD + c * 8);
-        const __nv_bfloat162* k2 = reinterpret_cast<const __nv_bfloat162*>(&kr);
         const float4 qa = *reinterpret_cast<const float4*>(qg + c * 8);
         const float4 qb = *reinterpret_cast<const float4*>(qg + c * 8 + 4);
-        const float2 k0 = __bfloat1622float2(k2[0]), k1 = __bfloat1622float2(k2[1]);
-        const float2 k2f = __bfloat1622float2(k2[2]), k3 = __bfloat1622float2(k2[3]);
-        sc = fmaf(qa.x, k0.x, sc);
-        sc = fmaf(qa.y, k0.y, sc);
-        sc = fmaf(qa.z, k1.x, sc);
-        sc = fmaf(qa.w, k1.y, sc);
-        sc = fmaf(qb.x, k2f.x, sc);
-        sc = fmaf(qb.y, k2f.y, sc);
-        sc = fmaf(qb.z, k3.x, sc);
-        sc = fmaf(qb.w, k3.y, sc);
+        sc = fmaf(qa.x, bf16_lo(kr.x), sc);
+        sc = fmaf(qa.y, bf16_hi(kr.x), sc);
+        sc = fmaf(qa.z, bf16_lo(kr.y), sc);
+        sc = fmaf(qa.w, bf16_hi(kr.y), sc);
+        sc = fmaf(qb.x, bf16_lo(kr.z), sc);
+        sc = fmaf(qb.y, bf16_hi(kr.z), sc);
+        sc = fmaf(qb.z, bf16_lo(kr.w), sc);
+        sc = fmaf(qb.w, bf16_hi(kr.w), sc);
       }
       s_p[g * kT + t] = sc;
     }
@@ -210,13 +207,13 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
         const float c = s_c[g];
         float2 a = make_float2(acc[j].x * c, acc[j].y * c);
         const float* pg = s_p + g * kT;
-        const __nv_bfloat162* vcol = reinterpret_cast<const __nv_bfloat162*>(s_v) + d2;
+        const uint32_t* vcol = reinterpret_cast<const uint32_t*>(s_v) + d2;
 #pragma unroll 8
         for (int t = t_beg; t < t_end; ++t) {
           const float pt = pg[t];
-          const float2 v = __bfloat1622float2(vcol[t * (kD / 2)]);
-          a.x = fmaf(pt, v.x, a.x);
-          a.y = fmaf(pt, v.y, a.y);
+          const uint32_t v = vcol[t * (kD / 2)];
+          a.x = fmaf(pt, bf16_lo(v), a.x);
+          a.y = fmaf(pt, bf16_hi(v), a.y);
         }
         acc[j] = a;
       }

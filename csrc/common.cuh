@@ -155,6 +155,12 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
   return s;
 }
 
+// The two bf16 of a 32-bit word (element 0 low) as fp32 by bit moves, one
+// instruction a value; __bfloat1622float2 takes three a word (PRMT, then a
+// shift for each half).
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
 __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
 
 }  // namespace tilert

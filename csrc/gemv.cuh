@@ -95,13 +95,6 @@ __host__ __device__ __forceinline__ int gemv_late_trigger(int k, int pairs, int 
   return per_block > 4 * kGemvRingBytes;
 }
 
-// bf16 pairs to fp32 by bit moves, one instruction a value: the high half is
-// the word with its low 16 bits cleared, the low half the word shifted up.
-// (The conversion intrinsics take three instructions a word: PRMT, then a
-// shift for each half.)
-__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
-__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
-
 // a0 += w0 . x, a1 += w1 . x over 8 bf16 each, x converted once for both rows.
 __device__ __forceinline__ void gemv_dot8x2(const uint4& w0, const uint4& w1, const uint4& x,
                                             float& a0, float& a1) {
