@@ -15,19 +15,25 @@ TraceRef g_trace = {nullptr, nullptr, 0, 0};
 // SM, as many as shared memory holds: Llama-3.2-1B's gate_up so took its step
 // from 1.21 to 1.15 ms on an H100 (benchmarks/NOTES.md), though alone it runs
 // 2% slower.
-static cudaError_t gemv_plan(int k, int pairs, int pairs_per_tile, int ksplit, int* blocks, int* late) {
+// The rule itself, for an SM of `per_sm` bytes of shared memory (no device call).
+static void gemv_plan_for(int k, int pairs, int pairs_per_tile, int ksplit, int per_sm, int* blocks,
+                          int* late) {
   const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;
   if (*blocks > tiles) *blocks = tiles;
   *late = gemv_late_trigger(k, pairs, pairs_per_tile, *blocks);
-  if (!*late) return cudaSuccess;
+  if (!*late) return;
+  const int fit = per_sm / (gemv_smem_bytes(k, pairs_per_tile, ksplit) + 1024);  // 1 KB a block is reserved
+  const int per = fit < 1 ? 1 : fit > 3 ? 3 : fit;
+  *blocks = *blocks * per < tiles ? *blocks * per : tiles;
+}
+
+static cudaError_t gemv_plan(int k, int pairs, int pairs_per_tile, int ksplit, int* blocks, int* late) {
   int dev = 0, per_sm = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess)
     e = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
   if (e != cudaSuccess) return e;
-  const int fit = per_sm / (gemv_smem_bytes(k, pairs_per_tile, ksplit) + 1024);  // 1 KB a block is reserved
-  const int per = fit < 1 ? 1 : fit > 3 ? 3 : fit;
-  *blocks = *blocks * per < tiles ? *blocks * per : tiles;
+  gemv_plan_for(k, pairs, pairs_per_tile, ksplit, per_sm, blocks, late);
   return cudaSuccess;
 }
 
@@ -108,6 +114,16 @@ int tilert_gemv_plan(int k, int pairs, int pairs_per_tile, int ksplit, int block
   const cudaError_t e = gemv_plan(k, pairs, pairs_per_tile, ksplit, &blocks, out_late);
   *out_blocks = blocks;
   return static_cast<int>(e);
+}
+
+// The same for an SM of `per_sm` bytes of shared memory, without a device
+// (the CPU tests check the host's tiling choice against the real rule).
+int tilert_gemv_plan_for(int k, int pairs, int pairs_per_tile, int ksplit, int blocks, int per_sm,
+                         int* out_blocks, int* out_late) {
+  if (blocks < 1 || pairs_per_tile < 1 || per_sm < 1) return static_cast<int>(cudaErrorInvalidValue);
+  gemv_plan_for(k, pairs, pairs_per_tile, ksplit, per_sm, &blocks, out_late);
+  *out_blocks = blocks;
+  return static_cast<int>(cudaSuccess);
 }
 
 int tilert_embed(const void* table, const int* ids, void* x, int hidden, void* stream, int pdl) {

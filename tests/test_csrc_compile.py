@@ -65,6 +65,42 @@ def test_every_cu_compiles_for_sm90a(tmp_path, monkeypatch):
         for group in range(0, 17):
             c_rule = bool(lib.tilert_attention_supported(head_dim, group))
             assert attention_supported(head_dim, group) == c_rule, (head_dim, group)
+    check_gemv_tiling_choices(lib)
+
+
+H100_SHARED_PER_SM = 233472  # bytes with the largest carve-out (H200 the same)
+TILING_SHAPES = [
+    *[(2048, 1536), (2048, 8192), (8192, 1024), (2048, 64128)],  # Llama-3.2-1B
+    *[(576, 288), (576, 24576), (2056, 515)],  # SmolLM2-135M, an odd K
+]
+
+
+def check_gemv_tiling_choices(lib) -> None:
+    """The host's tiling choice (kernels.gemv_tiling) weighed by the library's own
+    launch rule (tilert_gemv_plan_for, the one the launcher uses) for an H100 SM."""
+    import ctypes
+
+    from tilert.engine.cuda.kernels import gemv_tiling
+
+    for k, pairs in TILING_SHAPES:
+
+        def plan(ppt: int, ksplit: int, blocks: int, k=k, pairs=pairs) -> tuple[int, bool]:
+            nb, late = ctypes.c_int(), ctypes.c_int()
+            args = (k, pairs, ppt, ksplit, blocks, H100_SHARED_PER_SM)
+            assert lib.tilert_gemv_plan_for(*args, ctypes.byref(nb), ctypes.byref(late)) == 0
+            return nb.value, bool(late.value)
+
+        what = f"K={k} pairs={pairs}"
+        ppt, ksplit = gemv_tiling(k, "store", pairs, 132, plan=plan)
+        assert ksplit in (1, 2, 4, 8) and ppt * ksplit <= 256 and (ppt * ksplit) % 8 == 0, what
+        # When the GEMV lets the next kernel launch is the one-item tiling's.
+        one_late = plan(8, 1, min(-(-pairs // 8), 132))[1]
+        tiles = -(-pairs // ppt)
+        assert plan(ppt, ksplit, min(tiles, 132))[1] == one_late, what
+        if ppt * ksplit > 8:  # several items a warp: whole rows shorter than a tile's end
+            assert ksplit == 1 and -(-k // 8 // 32) < 8, what
+        if k <= 1024 and pairs >= 8 * 132 * 2:  # short rows, many tiles: merged
+            assert ppt * ksplit > 8, what
 
 
 def test_prebuilt_library_needs_no_compiler(tmp_path, monkeypatch):

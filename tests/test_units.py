@@ -156,39 +156,3 @@ def test_segments_are_private_and_unique():
             s.unlink()
             s.close()
     assert not os.path.exists(a.path)
-
-
-def _plan_like_the_library(k: int, pairs: int, per_sm: int = 3):
-    """csrc/gemv.cu gemv_plan's rule: late past four 64 KB rings a block, then up to per_sm."""
-
-    def plan(ppt: int, ksplit: int, blocks: int) -> tuple[int, bool]:
-        tiles = -(-pairs // ppt)
-        blocks = min(blocks, tiles)
-        late = -(-tiles // blocks) * ppt * 2 * k * 2 > 4 * 65536
-        return (min(blocks * per_sm, tiles) if late else blocks), late
-
-    return plan
-
-
-@pytest.mark.parametrize(
-    "k,pairs",
-    [
-        *[(2048, 1536), (2048, 8192), (8192, 1024), (2048, 64128)],
-        *[(576, 288), (576, 24576), (2056, 515)],
-    ],
-)
-def test_gemv_tiling_choices(k, pairs):
-    from tilert.engine.cuda.kernels import gemv_tiling
-
-    plan = _plan_like_the_library(k, pairs)
-    ppt, ksplit = gemv_tiling(k, "store", pairs, 132, plan=plan)
-    assert ksplit in (1, 2, 4, 8) and ppt * ksplit <= 256 and (ppt * ksplit) % 8 == 0
-    # When the GEMV lets the next kernel launch is the one-item tiling's.
-    one_late = plan(8, 1, min(-(-pairs // 8), 132))[1]
-    tiles = -(-pairs // ppt)
-    late = plan(ppt, ksplit, min(tiles, 132))[1]
-    assert late == one_late
-    if ppt * ksplit > 8:  # several items a warp: whole rows shorter than a tile's end
-        assert ksplit == 1 and -(-k // 8 // 32) < 8
-    if k <= 1024 and pairs >= 8 * 132 * 2:  # short rows, many tiles: merged
-        assert ppt * ksplit > 8
