@@ -50,7 +50,7 @@ import time
 import traceback
 
 import torch
-from measure import copy_bandwidth, profile_launches, time_stream  # beside this script
+from measure import copy_bandwidth, p99, profile_launches, time_stream  # beside this script
 
 from tilert.engine.checkpoint import TensorSource
 from tilert.engine.models import describe
@@ -200,7 +200,7 @@ def summary(times: list[float]) -> dict:
     ms = sorted(1e3 * t for t in times)
     return {
         "median_ms": statistics.median(ms),
-        "p99_ms": ms[min(len(ms) - 1, math.ceil(0.99 * len(ms)) - 1)],
+        "p99_ms": p99(ms),
         "steps": len(ms),
     }
 

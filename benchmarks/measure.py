@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -24,6 +25,13 @@ def copy_bandwidth(device: str = "cuda") -> float:
         times.append(a.elapsed_time(b) / 1e3)
     del src, dst
     return 2 * n / statistics.median(times[3:])
+
+
+def p99(values: list[float]) -> float:
+    """Nearest-rank 99th percentile: the ceil(0.99 n)-th smallest value (the
+    199th of 200 timed steps). Every benchmark reports this one."""
+    ranked = sorted(values)
+    return ranked[max(0, math.ceil(0.99 * len(ranked)) - 1)]
 
 
 def time_stream(ex, warmup: int, steps: int, token: int = 1, sampling=None) -> list[float]:
