@@ -12,10 +12,10 @@ Method
     reported as median and p99 (nearest rank, measure.p99) over the timed
     steps. Our graph executor streams as the server does (decode_tokens: the
     next step is enqueued, its input id taken on the GPU from the sampler,
-    before the current id is read), so its
-    step is the interval between consecutive ids reaching the host;
-    "graph-sync" is the same executor one decode_token call at a time (host
-    work between steps not hidden), as the baselines run. device_ms: back-to-
+    before the current id is read), so its step is the interval between
+    consecutive ids reaching the host; "graph-sync" is the same executor one
+    decode_token call at a time (host work between steps not hidden), as the
+    baselines run. device_ms: back-to-
     back replays with no host synchronization between.
   * Floor: bytes of weights read per token divided by the device-to-device copy
     bandwidth (read + write) measured in the same run on the same card (median
