@@ -65,7 +65,7 @@ def test_every_cu_compiles_for_sm90a(tmp_path, monkeypatch):
         for group in range(0, 17):
             c_rule = bool(lib.tilert_attention_supported(head_dim, group))
             assert attention_supported(head_dim, group) == c_rule, (head_dim, group)
-    check_gemv_tiling_choices(lib)
+    check_gemv_tiling_choices()  # on the library loaded above
 
 
 H100_SHARED_PER_SM = 233472  # bytes with the largest carve-out (H200 the same)
@@ -75,20 +75,15 @@ TILING_SHAPES = [
 ]
 
 
-def check_gemv_tiling_choices(lib) -> None:
+def check_gemv_tiling_choices() -> None:
     """The host's tiling choice (kernels.gemv_tiling) weighed by the library's own
     launch rule (tilert_gemv_plan_for, the one the launcher uses) for an H100 SM."""
-    import ctypes
-
-    from tilert.engine.cuda.kernels import gemv_tiling
+    from tilert.engine.cuda.kernels import gemv_plan_for, gemv_tiling
 
     for k, pairs in TILING_SHAPES:
 
         def plan(ppt: int, ksplit: int, blocks: int, k=k, pairs=pairs) -> tuple[int, bool]:
-            nb, late = ctypes.c_int(), ctypes.c_int()
-            args = (k, pairs, ppt, ksplit, blocks, H100_SHARED_PER_SM)
-            assert lib.tilert_gemv_plan_for(*args, ctypes.byref(nb), ctypes.byref(late)) == 0
-            return nb.value, bool(late.value)
+            return gemv_plan_for(k, pairs, ppt, ksplit, blocks, H100_SHARED_PER_SM)
 
         what = f"K={k} pairs={pairs}"
         ppt, ksplit = gemv_tiling(k, "store", pairs, 132, plan=plan)

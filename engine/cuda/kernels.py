@@ -213,8 +213,19 @@ def gemv_tiling(
 
 def gemv_plan(k: int, pairs: int, ppt: int, ksplit: int, blocks: int) -> tuple[int, bool]:
     """(blocks, late trigger) of a GEMV launch with this tiling on the current device."""
+    return _plan_call(lib().tilert_gemv_plan, k, pairs, ppt, ksplit, blocks)
+
+
+def gemv_plan_for(
+    k: int, pairs: int, ppt: int, ksplit: int, blocks: int, shared_per_sm: int
+) -> tuple[int, bool]:
+    """The same rule for an SM of `shared_per_sm` bytes, without a device."""
+    return _plan_call(lib().tilert_gemv_plan_for, k, pairs, ppt, ksplit, blocks, shared_per_sm)
+
+
+def _plan_call(fn: Any, *args: int) -> tuple[int, bool]:
     nb, late = ctypes.c_int(), ctypes.c_int()
-    rc = lib().tilert_gemv_plan(k, pairs, ppt, ksplit, blocks, ctypes.byref(nb), ctypes.byref(late))
+    rc = fn(*args, ctypes.byref(nb), ctypes.byref(late))
     if rc != 0:
         raise CudaError(f"gemv plan: {lib().tilert_error_string(rc).decode()}")
     return nb.value, bool(late.value)
