@@ -14,8 +14,8 @@ TraceRef g_trace = {nullptr, nullptr, 0, 0};
 // most one per tile. A GEMV that triggers late runs up to three blocks per
 // SM, as many as shared memory holds: Llama-3.2-1B's gate_up so took its step
 // from 1.21 to 1.15 ms on an H100 (benchmarks/NOTES.md), though alone it runs
-// 2% slower.
-// The rule itself, for an SM of `per_sm` bytes of shared memory (no device call).
+// 2% slower. gemv_plan_for is the rule for an SM of `per_sm` bytes of shared
+// memory (no device call); gemv_plan asks the current device.
 static void gemv_plan_for(int k, int pairs, int pairs_per_tile, int ksplit, int per_sm, int* blocks,
                           int* late) {
   const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;

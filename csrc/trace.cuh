@@ -12,7 +12,7 @@
 
 namespace tilert {
 
-// One record: marks in ns, then launch number, block, SM.
+// One record: the marks in ns, then the launch number, then SM << 32 | block.
 constexpr int kTraceMarks = 5;
 constexpr int kTraceWords = kTraceMarks + 2;  // 8-byte words per record
 
