@@ -262,14 +262,9 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
 
   // Last split of this kv head to arrive merges all splits. One thread
   // releases the block's partial results (the barrier orders the other
-  // threads' writes before its fence) and acquires the others'.
+  // threads' writes before its ticket) and acquires the others'.
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const bool last = atomicAdd(&p.tickets[kvh], 1) == splits - 1;
-    if (last) __threadfence();
-    s_last = last;
-  }
+  if (threadIdx.x == 0) s_last = ticket_add(&p.tickets[kvh], 1) == splits - 1;
   __syncthreads();
   if (!s_last) {
     trace_close(rec);

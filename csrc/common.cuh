@@ -52,6 +52,17 @@ __device__ __forceinline__ void cp_async_wait() {
 // no earlier kernel of the step writes (weights, tables); pdl_wait() returns once
 // the previous grid has completed and its writes are visible. Both are no-ops when
 // the launch did not ask for PDL.
+// Adds to a counter in global memory with release and acquire semantics at
+// GPU scope and returns the old value: the writes this thread has made or
+// observed (a barrier before it orders its block's) are visible to whoever
+// reads the new value, and the writes released with the values before it are
+// visible to this thread. One round trip, no separate fences.
+__device__ __forceinline__ int ticket_add(int* counter, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(v) : "memory");
+  return old;
+}
+
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() {
   asm volatile("griddepcontrol.launch_dependents;" :::);
