@@ -172,12 +172,12 @@ __device__ __forceinline__ void indexer_block(const IndexerParams& p, char* smem
   const int len = *p.length;
   indexer_scores(p, len, smem);
 
-  __threadfence();
+  // One thread releases the block's scores (the barrier orders the other
+  // threads' writes before its ticket) and acquires the other blocks'.
   __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(p.ticket, 1) == static_cast<int>(gridDim.x) - 1;
+  if (threadIdx.x == 0) s_last = ticket_add(p.ticket, 1) == static_cast<int>(gridDim.x) - 1;
   __syncthreads();
   if (!s_last) return;
-  __threadfence();
   if (len <= p.topk) {
     for (int i = threadIdx.x; i < len; i += kIdxThreads) p.sel[i] = i;
   } else {

@@ -158,12 +158,11 @@ __device__ __forceinline__ void router_block(const RouterParams& p, char* smem) 
   __shared__ int last;
   if (threadIdx.x == 0) {
     p.logits[e] = logit;
-    __threadfence();  // the logit is visible before the ticket says so
-    last = atomicAdd(p.ticket, 1) == (int)gridDim.x - 1;
+    // Releases the logit with the ticket; the last block acquires the others'.
+    last = ticket_add(p.ticket, 1) == (int)gridDim.x - 1;
   }
   __syncthreads();
   if (!last) return;
-  __threadfence();
   router_select(p, scratch + kWarp, scratch + kWarp + p.n_experts);
   if (threadIdx.x == 0) *p.ticket = 0;  // ready for the next launch (graph replay)
 }
