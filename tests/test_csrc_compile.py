@@ -92,10 +92,21 @@ def check_gemv_tiling_choices() -> None:
         one_late = plan(8, 1, min(-(-pairs // 8), 132))[1]
         tiles = -(-pairs // ppt)
         assert plan(ppt, ksplit, min(tiles, 132))[1] == one_late, what
-        if ppt * ksplit > 8:  # several items a warp: whole rows shorter than a tile's end
-            assert ksplit == 1 and -(-k // 8 // 32) < 8, what
+        if ppt * ksplit > 8 and ksplit > 1:  # several K parts a warp: one tile a block, early
+            assert tiles <= 132 and not one_late, what
+        elif ppt * ksplit > 8:  # several whole rows a warp: rows shorter than a tile's end
+            assert -(-k // 8 // 32) < 8, what
         if k <= 1024 and pairs >= 8 * 132 * 2:  # short rows, many tiles: merged
             assert ppt * ksplit > 8, what
+    # Llama-3.2-1B's qkv: 128 tiles of 12 pairs in K halves, not 192 of 8 whole pairs.
+    qkv = gemv_tiling(
+        2048,
+        "store",
+        1536,
+        132,
+        plan=lambda p, s, b: gemv_plan_for(2048, 1536, p, s, b, H100_SHARED_PER_SM),
+    )
+    assert qkv == (12, 2)
 
 
 def test_prebuilt_library_needs_no_compiler(tmp_path, monkeypatch):

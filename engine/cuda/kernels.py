@@ -180,7 +180,14 @@ def gemv_tiling(
     the LM head on 382 of 168 1.065 -> 1.077 ms). A tiling that would change
     when the GEMV lets the next kernel launch (against tiles of 8 whole-row
     pairs) is not taken: that moves the next kernels' prefetch, which this
-    count does not see. Ties go to longer items, then to fewer items a tile."""
+    count does not see. Ties go to longer items, then to fewer items a tile.
+
+    One exception to whole rows: a GEMV that lets the next kernel launch at once
+    may split K under several items a warp where that leaves every block one
+    tile. Llama-3.2-1B's qkv so runs 128 blocks of 12 pairs in K halves instead
+    of 192 tiles of 8 whole pairs, where 60 blocks read a second tile after the
+    wait: the step 1.0451 -> 1.0429 and 1.0454 -> 1.0422 ms in two runs on
+    an H100 (benchmarks/NOTES.md)."""
     if epilogue == "rope_kv" and qk_norm:
         # The per-head norm needs the whole head in one block.
         return head_dim // 2, max(1, min(8, k // 2048))
@@ -199,7 +206,10 @@ def gemv_tiling(
             tiles = math.ceil(pairs / ppt)
             blocks, its_late = plan(ppt, ksplit, min(tiles, sms))
             per_block = math.ceil(tiles / blocks)
-            if its_late != late or (m > 1 and (ksplit > 1 or steps >= _TILE_STEPS)):
+            one_tile = not late and per_block == 1 and ksplit > 1
+            if its_late != late or (
+                m > 1 and (ksplit > 1 or steps >= _TILE_STEPS) and not one_tile
+            ):
                 if per_block == 1:
                     break
                 continue
