@@ -188,7 +188,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       }
       sum = warp_sum(sum);
       if (lane == 0) {
-        const float c = m_old == -INFINITY ? 0.f : exp2f(m_old - m_new);
+        const float c = softmax_rescale(m_old, m_new);
         s_c[g] = c;
         s_l[g] = s_l[g] * c + sum;
         s_m[g] = m_new;
@@ -302,13 +302,13 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
         float mn = m;
 #pragma unroll
         for (int q = 0; q < kAttnMergeChunk; ++q) mn = fmaxf(mn, mlv[q].x);
-        const float c = m == -INFINITY ? 0.f : exp2f(m - mn);
+        const float c = softmax_rescale(m, mn);
         l *= c;
         o.x *= c;
         o.y *= c;
 #pragma unroll
         for (int q = 0; q < kAttnMergeChunk; ++q) {
-          const float w = mlv[q].x == -INFINITY ? 0.f : exp2f(mlv[q].x - mn);  // empty splits weigh 0
+          const float w = softmax_rescale(mlv[q].x, mn);  // empty splits weigh 0
           l = fmaf(w, mlv[q].y, l);
           o.x = fmaf(w, ov[q].x, o.x);
           o.y = fmaf(w, ov[q].y, o.y);
@@ -330,8 +330,8 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       for (int q = 1; q < S::kParts; ++q) {
         const float4 b = s_mrg[(q - 1) * S::kPairs + pr];
         const float mn = fmaxf(m, b.x);
-        const float ca = m == -INFINITY ? 0.f : exp2f(m - mn);
-        const float cb = b.x == -INFINITY ? 0.f : exp2f(b.x - mn);
+        const float ca = softmax_rescale(m, mn);
+        const float cb = softmax_rescale(b.x, mn);
         l = l * ca + b.y * cb;
         o.x = o.x * ca + b.z * cb;
         o.y = o.y * ca + b.w * cb;

@@ -172,6 +172,13 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 
+// The weight exp2(m - m_new) of a softmax state whose running max (log2
+// units) is m, now measured against m_new >= m: 0 for an empty state (m =
+// -inf), whose sums are zero, so that no inf - inf is taken.
+__device__ __forceinline__ float softmax_rescale(float m, float m_new) {
+  return m == -INFINITY ? 0.f : exp2f(m - m_new);
+}
+
 __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
 
 }  // namespace tilert

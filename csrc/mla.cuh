@@ -122,7 +122,7 @@ __device__ __forceinline__ void mla_merge(const MlaParams& p, int group, char* s
     float ll = 0.f;
     for (int s = lane; s < p.splits; s += kWarp) {
       const float ms = __ldcg(ml + 2 * s);
-      const float w = ms == -INFINITY ? 0.f : exp2f(ms - mm);  // empty splits weigh 0
+      const float w = softmax_rescale(ms, mm);  // empty splits weigh 0
       s_w[g * p.splits + s] = w;
       ll += w * __ldcg(ml + 2 * s + 1);
     }

@@ -255,7 +255,7 @@ __device__ __forceinline__ void mla_combine_block(const MlaParams& p, int h, int
 #pragma unroll 8
   for (int s = 0; s < p.splits; ++s) {
     const float ms = __ldcg(ml + 2 * s);
-    const float w = ms == -INFINITY ? 0.f : exp2f(ms - mm);  // empty splits weigh 0
+    const float w = softmax_rescale(ms, mm);  // empty splits weigh 0
     ll = fmaf(w, __ldcg(ml + 2 * s + 1), ll);
     const float4 v = __ldcg(reinterpret_cast<const float4*>(po + (size_t)s * kMlaLatent));
     acc.x = fmaf(w, v.x, acc.x);
