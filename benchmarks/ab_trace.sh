@@ -6,7 +6,10 @@
 # tree runs first and again last, so drift on the card shows. One line per
 # (tree, workload): the step and, per launch kind, blocks/inc/post in us. Logs,
 # JSON and records go to $OUT as one archive, ab.tgz (a device run returns few
-# files). Run it after gpu_run.sh has installed and built this tree:
+# files). AB_TESTS (say "kernels graph_executor") names GPU test modules that
+# each other tree must pass first; a tree that fails them (or hangs past two
+# minutes) is not timed. Run it after gpu_run.sh has installed and built this
+# tree:
 #   BENCHES= bash benchmarks/gpu_run.sh && bash benchmarks/ab_trace.sh base=.ab/base
 set -u
 cd "$(dirname "$0")/.."
@@ -36,8 +39,19 @@ for spec in "$@"; do
     >"$OUT/ab_build_${spec%%=*}.log" 2>&1 &
 done
 wait
+passed() {  # passed NAME DIR: the AB_TESTS modules on that tree
+  [ -z "${AB_TESTS:-}" ] && return 0
+  local mods=() m
+  for m in $AB_TESTS; do mods+=("../tests/gpu/test_$m.py"); done
+  timeout 120 bash benchmarks/run_base.sh "$2" python3 -m pytest -m gpu "${mods[@]}" \
+    --confcutdir=../tests/gpu -p no:cacheprovider -q -x -o addopts="" >"$OUT/ab_tests_$1.log" 2>&1
+  local rc=$?
+  echo "$1 tests: $(tail -n 1 "$OUT/ab_tests_$1.log") (rc=$rc)"
+  return $rc
+}
 for w in $WORKLOADS; do one this . "$w"; done
 for spec in "$@"; do
+  passed "${spec%%=*}" "${spec#*=}" || continue
   for w in $WORKLOADS; do one "${spec%%=*}" "${spec#*=}" "$w"; done
 done
 for w in $WORKLOADS; do one this-again . "$w"; done

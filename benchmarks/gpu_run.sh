@@ -93,7 +93,7 @@ done
 [ -f "$OUT/bench_deepseek.log" ] && sed -n "/copy bandwidth/,\$p" "$OUT/bench_deepseek.log"
 [ -f "$OUT/bench_marginal.log" ] && sed -n "/context/,\$p" "$OUT/bench_marginal.log"
 for f in "$OUT"/bench_trace*.log; do [ -f "$f" ] && sed -n "/context/,\$p" "$f"; done
-[ -f "$OUT/compare.log" ] && grep -E "untraced" "$OUT/compare.log"
+[ -f "$OUT/compare.log" ] && grep -E "untraced| tests: " "$OUT/compare.log"
 # A device run returns at most 8 files: the logs travel as one archive.
 (cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tgz ./*.log && rm -f ./*.log)
 true  # the run's outcome is in the summary above, not in the last test of a listing
