@@ -23,9 +23,9 @@ one() {  # one NAME DIR WORKLOAD
   local f="$OUT/ab_$1_$3"
   local args=(bench_trace.py --workload "$3" --json "$f.json" --raw "$f.npz")
   if [ "$2" = . ]; then
-    (cd benchmarks && timeout 150 python3 "${args[@]}") >"$f.log" 2>&1
+    (cd benchmarks && timeout -k 10 150 python3 "${args[@]}") >"$f.log" 2>&1
   else
-    timeout 180 bash benchmarks/run_base.sh "$2" python3 "${args[@]}" >"$f.log" 2>&1
+    timeout -k 10 180 bash benchmarks/run_base.sh "$2" python3 "${args[@]}" >"$f.log" 2>&1
   fi
   echo "$1 $3: $(grep 'step untraced' "$f.log")" \
     "$(grep -E '^(qkv|attn|o_proj|gate_up|down|lm_head) ' "$f.log" |
@@ -35,7 +35,7 @@ one() {  # one NAME DIR WORKLOAD
 # Every other tree's kernel library built at once before any timing (a tree
 # builds on first use otherwise, one after another inside the device's time).
 for spec in "$@"; do
-  timeout 300 bash benchmarks/run_base.sh "${spec#*=}" python3 -m tilert.engine.cuda.build \
+  timeout -k 10 300 bash benchmarks/run_base.sh "${spec#*=}" python3 -m tilert.engine.cuda.build \
     >"$OUT/ab_build_${spec%%=*}.log" 2>&1 &
 done
 wait
@@ -43,7 +43,7 @@ passed() {  # passed NAME DIR: the AB_TESTS modules on that tree
   [ -z "${AB_TESTS:-}" ] && return 0
   local mods=() m
   for m in $AB_TESTS; do mods+=("../tests/gpu/test_$m.py"); done
-  timeout 120 bash benchmarks/run_base.sh "$2" python3 -m pytest -m gpu "${mods[@]}" \
+  timeout -k 10 120 bash benchmarks/run_base.sh "$2" python3 -m pytest -m gpu "${mods[@]}" \
     --confcutdir=../tests/gpu -p no:cacheprovider -q -x -o addopts="" >"$OUT/ab_tests_$1.log" 2>&1
   local rc=$?
   echo "$1 tests: $(tail -n 1 "$OUT/ab_tests_$1.log") (rc=$rc)"

@@ -47,11 +47,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// PDL: a kernel launched with programmatic stream serialization may start while
-// the previous one drains. Everything before pdl_wait() may only touch data that
-// no earlier kernel of the step writes (weights, tables); pdl_wait() returns once
-// the previous grid has completed and its writes are visible. Both are no-ops when
-// the launch did not ask for PDL.
 // Adds to a counter in global memory with release and acquire semantics at
 // GPU scope and returns the old value: the writes this thread has made or
 // observed (a barrier before it orders its block's) are visible to whoever
@@ -63,6 +58,11 @@ __device__ __forceinline__ int ticket_add(int* counter, int v) {
   return old;
 }
 
+// PDL: a kernel launched with programmatic stream serialization may start while
+// the previous one drains. Everything before pdl_wait() may only touch data that
+// no earlier kernel of the step writes (weights, tables); pdl_wait() returns once
+// the previous grid has completed and its writes are visible. Both are no-ops when
+// the launch did not ask for PDL.
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() {
   asm volatile("griddepcontrol.launch_dependents;" :::);

@@ -175,19 +175,20 @@ def gemv_tiling(
     end: there the ends dominate and fewer, longer tiles pay (H100, one run:
     SmolLM2, K = 576, gate_up on 96 blocks of 16 pairs and the LM head on 384
     of 64 instead of 8 pairs a tile took the step 0.564 -> 0.542 ms), while
-    with rows of 8 steps or more they did not (Llama-3.2-1B, K = 2048: qkv on
-    128 blocks of 12 x 2 items about even, gate_up on 342 blocks of 24 pairs and
-    the LM head on 382 of 168 1.065 -> 1.077 ms). A tiling that would change
-    when the GEMV lets the next kernel launch (against tiles of 8 whole-row
-    pairs) is not taken: that moves the next kernels' prefetch, which this
-    count does not see. Ties go to longer items, then to fewer items a tile.
+    with rows of 8 steps or more they did not (Llama-3.2-1B, K = 2048: gate_up
+    on 342 blocks of 24 pairs and the LM head on 382 of 168 1.065 -> 1.077
+    ms). A tiling that would change when the GEMV lets the next kernel launch
+    (against tiles of 8 whole-row pairs) is not taken: that moves the next
+    kernels' prefetch, which this count does not see. Ties go to longer items,
+    then to fewer items a tile.
 
     One exception to whole rows: a GEMV that lets the next kernel launch at once
     may split K under several items a warp where that leaves every block one
     tile. Llama-3.2-1B's qkv so runs 128 blocks of 12 pairs in K halves instead
     of 192 tiles of 8 whole pairs, where 60 blocks read a second tile after the
     wait: the step 1.0451 -> 1.0429 and 1.0454 -> 1.0422 ms in two runs on
-    an H100 (benchmarks/NOTES.md)."""
+    an H100 (benchmarks/NOTES.md). On other SM counts the exception reaches
+    more shapes (o_proj and qkv of Llama-3.2-1B with 114 or 78 SMs), untimed."""
     if epilogue == "rope_kv" and qk_norm:
         # The per-head norm needs the whole head in one block.
         return head_dim // 2, max(1, min(8, k // 2048))
