@@ -80,11 +80,13 @@ def check_gemv_tiling_choices() -> None:
     launch rule (tilert_gemv_plan_for, the one the launcher uses) for an H100 SM."""
     from tilert.engine.cuda.kernels import gemv_plan_for, gemv_tiling
 
+    def h100_plan(k: int, pairs: int):
+        return lambda ppt, ksplit, blocks: gemv_plan_for(
+            k, pairs, ppt, ksplit, blocks, H100_SHARED_PER_SM
+        )
+
     for k, pairs in TILING_SHAPES:
-
-        def plan(ppt: int, ksplit: int, blocks: int, k=k, pairs=pairs) -> tuple[int, bool]:
-            return gemv_plan_for(k, pairs, ppt, ksplit, blocks, H100_SHARED_PER_SM)
-
+        plan = h100_plan(k, pairs)
         what = f"K={k} pairs={pairs}"
         ppt, ksplit = gemv_tiling(k, "store", pairs, 132, plan=plan)
         assert ksplit in (1, 2, 4, 8) and ppt * ksplit <= 256 and (ppt * ksplit) % 8 == 0, what
@@ -99,14 +101,7 @@ def check_gemv_tiling_choices() -> None:
         if k <= 1024 and pairs >= 8 * 132 * 2:  # short rows, many tiles: merged
             assert ppt * ksplit > 8, what
     # Llama-3.2-1B's qkv: 128 tiles of 12 pairs in K halves, not 192 of 8 whole pairs.
-    qkv = gemv_tiling(
-        2048,
-        "store",
-        1536,
-        132,
-        plan=lambda p, s, b: gemv_plan_for(2048, 1536, p, s, b, H100_SHARED_PER_SM),
-    )
-    assert qkv == (12, 2)
+    assert gemv_tiling(2048, "store", 1536, 132, plan=h100_plan(2048, 1536)) == (12, 2)
 
 
 def test_prebuilt_library_needs_no_compiler(tmp_path, monkeypatch):
