@@ -78,7 +78,6 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   __shared__ float s_p[kG * kT];
   __shared__ float s_m[kG], s_l[kG], s_c[kG];
   __shared__ float2 s_red[S::kParts > 1 ? (S::kParts - 1) * S::kPairs : 1];
-  __shared__ int s_last;
 
   const unsigned long long t0 = trace_clock(p.trace);
   const int pos = *p.pos;  // copied in before the step, not by the previous kernel
@@ -260,13 +259,8 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     return;
   }
 
-  // Last split of this kv head to arrive merges all splits. One thread
-  // releases the block's partial results (the barrier orders the other
-  // threads' writes before its ticket) and acquires the others'.
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = ticket_add(&p.tickets[kvh], 1) == splits - 1;
-  __syncthreads();
-  if (!s_last) {
+  // Last split of this kv head to arrive merges all splits.
+  if (!last_to_arrive(&p.tickets[kvh], splits)) {
     trace_close(rec);
     return;
   }

@@ -58,6 +58,18 @@ __device__ __forceinline__ int ticket_add(int* counter, int v) {
   return old;
 }
 
+// Whether this block is the last of `arrivals` blocks to reach `ticket`, by
+// every thread of it. One thread takes the ticket after the block barrier, so
+// the block's writes before the call are released with it, and the last block
+// sees every other block's (acquired, then passed on by the second barrier).
+__device__ __forceinline__ bool last_to_arrive(int* ticket, int arrivals) {
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) last = ticket_add(ticket, 1) == arrivals - 1;
+  __syncthreads();
+  return last;
+}
+
 // PDL: a kernel launched with programmatic stream serialization may start while
 // the previous one drains. Everything before pdl_wait() may only touch data that
 // no earlier kernel of the step writes (weights, tables); pdl_wait() returns once

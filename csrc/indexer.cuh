@@ -166,18 +166,12 @@ __device__ __forceinline__ void indexer_select(const IndexerParams& p, int n) {
 }
 
 __device__ __forceinline__ void indexer_block(const IndexerParams& p, char* smem) {
-  __shared__ int s_last;
   pdl_launch_dependents();
   pdl_wait();
   const int len = *p.length;
   indexer_scores(p, len, smem);
 
-  // One thread releases the block's scores (the barrier orders the other
-  // threads' writes before its ticket) and acquires the other blocks'.
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = ticket_add(p.ticket, 1) == static_cast<int>(gridDim.x) - 1;
-  __syncthreads();
-  if (!s_last) return;
+  if (!last_to_arrive(p.ticket, static_cast<int>(gridDim.x))) return;  // the last selects
   if (len <= p.topk) {
     for (int i = threadIdx.x; i < len; i += kIdxThreads) p.sel[i] = i;
   } else {

@@ -99,15 +99,9 @@ __device__ __forceinline__ void mla_stage_q(const MlaParams& p, int h0, int rows
 // `scratch` is shared memory free by now (kG x splits floats).
 template <int kG>
 __device__ __forceinline__ void mla_merge(const MlaParams& p, int group, char* scratch) {
-  __shared__ int s_last;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int h0 = group * kG;
-  // One thread releases the block's partials (the barrier orders the other
-  // threads' writes before its ticket) and acquires the other splits'.
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = ticket_add(&p.tickets[group], 1) == p.splits - 1;
-  __syncthreads();
-  if (!s_last) return;
+  if (!last_to_arrive(&p.tickets[group], p.splits)) return;
   // Merge weights exp2(m_s - M) / L per (head, split) first, one warp per head,
   // so the weighted sums below issue independent loads (no dependent L2 round
   // trip per split). The cache-row area is free now and holds them.
