@@ -288,8 +288,11 @@ __device__ __forceinline__ void gemv_load_step(const GemvParams& p, GemvLoader& 
     const int v = L.vbeg + L.step * kWarp + threadIdx.x % kWarp;
     const bool ok = v < L.vend;
     uint4* d = ring + (size_t)slot * 2 * blockDim.x + threadIdx.x;
-    cp_async16(d, L.w0 + (ok ? v : 0), ok);
-    cp_async16(d + blockDim.x, L.w1 + (ok ? v : 0), ok);
+    // Weights are read once a step: they go first when L2 needs room, so the
+    // activations, partial results and cache rows the next kernels read stay.
+    const uint64_t policy = l2_evict_first();
+    cp_async16_hint(d, L.w0 + (ok ? v : 0), ok, policy);
+    cp_async16_hint(d + blockDim.x, L.w1 + (ok ? v : 0), ok, policy);
     if (++L.step == steps) {
       L.step = 0;
       L.it += blockDim.x / kWarp;
