@@ -38,7 +38,7 @@ int tilert_attention_supported(int head_dim, int group) {
 }
 
 int tilert_attention(const void* q, const void* k_cache, const void* v_cache, void* out,
-                     const int* pos, float* part_o, float* part_ml, int* tickets, int heads,
+                     const int* pos, void* part_o, void* part_ml, int* tickets, int heads,
                      int kv_heads, int head_dim, int splits, float scale, int late_trigger,
                      void* stream, int pdl) {
   AttnParams p = {};
@@ -47,8 +47,8 @@ int tilert_attention(const void* q, const void* k_cache, const void* v_cache, vo
   p.v_cache = static_cast<const bf16*>(v_cache);
   p.out = static_cast<bf16*>(out);
   p.pos = pos;
-  p.part_o = part_o;
-  p.part_ml = part_ml;
+  p.part_o = static_cast<unsigned long long*>(part_o);
+  p.part_ml = static_cast<unsigned long long*>(part_ml);
   p.tickets = tickets;
   p.heads = heads;
   p.kv_heads = kv_heads;

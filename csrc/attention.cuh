@@ -2,8 +2,9 @@
 //
 // A tile is (kv head, split): the G query heads that share one kv head read that
 // head's K and V once for all of them, over one contiguous slice of positions.
-// Splits write unnormalized partial results; the last split of a kv head to
-// finish (a ticket counter) merges them, so a long context costs one launch.
+// Splits write unnormalized partial results, each word stamped with the
+// launch; one split of a kv head merges them as their stamps arrive, so a long
+// context costs one launch.
 //
 // The cache rows of earlier tokens do not depend on the previous kernel (only
 // the current position's row does, written by the QKV GEMV), and the position
@@ -11,7 +12,8 @@
 // positions of its slice into shared memory before griddepcontrol.wait (and
 // the rest, if any, in rounds of kAttnStaged after it). After the wait the
 // block's critical path is a few L2 round trips (q and the current row; the
-// partial results, a ticket; the merge) around phases of shared-memory work. The launch has
+// stamped partial results, read by the merging split as they land) around
+// phases of shared-memory work. The launch has
 // `splits` blocks per kv head, but only as many take part as the current
 // length needs (kAttnStaged positions each): a short context does not pay for
 // merging empty splits.
@@ -28,9 +30,12 @@ struct AttnParams {
   const bf16* v_cache;
   bf16* out;            // [heads * D]
   const int* pos;       // device scalar: position of the current token; length = pos + 1
-  float* part_o;        // [heads, splits, D] fp32
-  float* part_ml;       // [heads, splits, 2] (running max in log2 units, sum)
-  int* tickets;         // [kv_heads], zero between launches (the merging block resets it)
+  // Partial results as stamped words (common.cuh): fp32 value, launch stamp.
+  unsigned long long* part_o;   // [heads, splits, D]
+  unsigned long long* part_ml;  // [heads, splits, 2] (running max in log2 units, sum)
+  // [2, kv_heads]: splits past their wait (zero between launches), then the
+  // launches merged so far; the merging split resets the first, advances the second.
+  int* tickets;
   int heads, kv_heads, splits;
   float scale;          // softmax scale, 1/sqrt(D) for Llama
   // When the next kernel may launch: 0 at once (its blocks fill their rings
@@ -47,8 +52,14 @@ constexpr int kAttnWarps = kAttnThreads / kWarp;
 // split took 3 us of shared-memory work after the wait on an H100.
 template <int kD>
 constexpr int kAttnStaged = 8192 / (kD * 2);
-// Splits the merging block reads per round of loads (all in flight at once).
-constexpr int kAttnMergeChunk = 16;
+// Splits a thread of the merging block reads per round of loads, all in
+// flight at once: 9 keeps the kernel at 80 registers (a split is four 8-byte
+// stamped words a thread) and takes a 1K context's 17 splits (two parts) in
+// one round.
+constexpr int kAttnMergeChunk = 9;
+// Rounds of loads the merging block makes before it gives up on a split whose
+// stamp never arrives (about a second): a trap instead of a hung GPU.
+constexpr int kAttnMaxPolls = 1 << 20;
 
 // The work on a round of staged rows runs in three phases over all threads,
 // none of them a serial chain of shuffles:
@@ -78,6 +89,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   __shared__ float s_p[kG * kT];
   __shared__ float s_m[kG], s_l[kG], s_c[kG];
   __shared__ float2 s_red[S::kParts > 1 ? (S::kParts - 1) * S::kPairs : 1];
+  __shared__ unsigned s_stamp, s_last;
 
   const unsigned long long t0 = trace_clock(p.trace);
   const int pos = *p.pos;  // copied in before the step, not by the previous kernel
@@ -114,6 +126,15 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   pdl_wait();
   if (p.late_trigger) pdl_launch_dependents();
   trace_mark(rec, 1);
+  // The split that passes its wait last merges: every other split of its kv
+  // head has then started, so the splits it waits for are running. Both
+  // results are used at the end; the round trip runs under the split's work.
+  int arrival = 0;
+  unsigned launches = 0;
+  if (threadIdx.x == 0 && splits > 1) {
+    arrival = atomicAdd(&p.tickets[kvh], 1);
+    launches = ld_relaxed(&p.tickets[p.kv_heads + kvh]);
+  }
   if (pos >= beg && pos < first_end && threadIdx.x < S::kChunks) {
     const int r = pos - beg, c = threadIdx.x * 8;
     const size_t src = (size_t)pos * stride + (size_t)kvh * kD + c;
@@ -131,6 +152,11 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       s_q[i * 8 + 2 * e] = f.x * qs;
       s_q[i * 8 + 2 * e + 1] = f.y * qs;
     }
+  }
+
+  if (threadIdx.x == 0) {  // published by the first round's barrier
+    s_last = arrival == splits - 1;
+    s_stamp = launches + 1;  // never 0, the stamp of a fresh workspace
   }
 
   float2 acc[S::kPer];
@@ -248,8 +274,8 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
             __floats2bfloat162_rn(acc[j].x * inv, acc[j].y * inv);
       } else {
         const size_t slot = (size_t)h * p.splits + split;
-        *reinterpret_cast<float2*>(p.part_o + slot * kD + d) = acc[j];
-        if (d == 0) *reinterpret_cast<float2*>(p.part_ml + 2 * slot) = make_float2(s_m[g], s_l[g]);
+        st_stamped2(p.part_o + slot * kD + d, acc[j].x, acc[j].y, s_stamp);
+        if (d == 0) st_stamped2(p.part_ml + 2 * slot, s_m[g], s_l[g], s_stamp);
       }
     }
   }
@@ -259,16 +285,21 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     return;
   }
 
-  // Last split of this kv head to arrive merges all splits.
-  if (!last_to_arrive(&p.tickets[kvh], splits)) {
+  // The other splits are done: their words carry this launch's stamp.
+  if (!s_last) {
     trace_close(rec);
     return;
   }
   // NOTES: all loads of a round of splits are issued before any is used; one
   // dependent L2 round trip per split cost ~0.7 us each, and 2-3 us while the
-  // next kernels' weight prefetches fill the memory system. The splits are
-  // cut among the parts (as the rows were), so one round covers up to
-  // kParts * kAttnMergeChunk splits; the parts' states meet in shared memory.
+  // next kernels' weight prefetches fill the memory system. A round's loads
+  // are repeated for the words whose stamp has not arrived yet, so the merge
+  // starts one round trip after the last split's words land (a ticket took a
+  // round trip more, after a release). The splits are cut among the parts (as
+  // the rows were), so one round covers up to kParts * kAttnMergeChunk splits;
+  // the parts' states meet in shared memory. A warp is one head of one part:
+  // its lane q reads (m, l) of the round's split q, the others take it by shuffle.
+  const unsigned stamp = s_stamp;
   float4* s_mrg = reinterpret_cast<float4*>(s_k);  // the staged rows are spent
   const int per_part = (splits + S::kParts - 1) / S::kParts;
   float4 st[S::kPer];  // (m, l, o.x, o.y) of this thread's pairs over its splits
@@ -280,18 +311,35 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       if (pr >= S::kPairs) continue;
       const int g = pr / (kD / 2), d = 2 * (pr % (kD / 2));
       const int h = kvh * kG + g;
-      const float2* ml = reinterpret_cast<const float2*>(p.part_ml) + (size_t)h * p.splits;
-      const float* po = p.part_o + (size_t)h * p.splits * kD + d;
+      const unsigned long long* ml = p.part_ml + (size_t)h * p.splits * 2;
+      const unsigned long long* po = p.part_o + (size_t)h * p.splits * kD + d;
       float m = -INFINITY, l = 0.f;
       float2 o = make_float2(0.f, 0.f);
       for (int s0 = s_beg; s0 < s_end; s0 += kAttnMergeChunk) {
+        const int n = min(kAttnMergeChunk, s_end - s0);
+        // Every poll reloads the whole round (a split past the round's end
+        // reads the last one again): the words are the round's registers, and
+        // the values their low halves.
+        unsigned long long a[kAttnMergeChunk], b[kAttnMergeChunk], ma, mb;
+        for (int polls = 0;; ++polls) {
+#pragma unroll
+          for (int q = 0; q < kAttnMergeChunk; ++q)
+            ld_stamped2(po + (size_t)(s0 + min(q, n - 1)) * kD, a[q], b[q]);
+          ld_stamped2(ml + 2 * (s0 + min(lane, n - 1)), ma, mb);
+          bool in = stamped(ma, stamp) && stamped(mb, stamp);
+#pragma unroll
+          for (int q = 0; q < kAttnMergeChunk; ++q) in = in && stamped(a[q], stamp) && stamped(b[q], stamp);
+          if (__all_sync(0xffffffffu, in)) break;
+          if (polls == kAttnMaxPolls) __trap();
+        }
         float2 mlv[kAttnMergeChunk], ov[kAttnMergeChunk];
 #pragma unroll
         for (int q = 0; q < kAttnMergeChunk; ++q) {
-          const bool ok = s0 + q < s_end;
-          mlv[q] = ok ? __ldcg(ml + s0 + q) : make_float2(-INFINITY, 0.f);
-          ov[q] = ok ? __ldcg(reinterpret_cast<const float2*>(po + (size_t)(s0 + q) * kD))
-                     : make_float2(0.f, 0.f);
+          const bool ok = q < n;
+          mlv[q].x = __shfl_sync(0xffffffffu, stamped_value(ma), q);
+          mlv[q].y = __shfl_sync(0xffffffffu, stamped_value(mb), q);
+          if (!ok) mlv[q] = make_float2(-INFINITY, 0.f);
+          ov[q] = ok ? make_float2(stamped_value(a[q]), stamped_value(b[q])) : make_float2(0.f, 0.f);
         }
         float mn = m;
 #pragma unroll
@@ -337,7 +385,10 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
           __floats2bfloat162_rn(o.x * inv, o.y * inv);
     }
   }
-  if (threadIdx.x == 0) p.tickets[kvh] = 0;  // ready for the next launch (graph replay)
+  if (threadIdx.x == 0) {  // ready for the next launch (graph replay)
+    st_relaxed(&p.tickets[kvh], 0);
+    st_relaxed(&p.tickets[p.kv_heads + kvh], stamp);
+  }
   trace_close(rec);
 }
 

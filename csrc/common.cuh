@@ -74,6 +74,38 @@ __device__ __forceinline__ int ticket_add(int* counter, int v) {
   return old;
 }
 
+// Stamped words: a float and the stamp of the launch that wrote it, as one
+// 64-bit word. An aligned 64-bit relaxed access is single-copy atomic, so a
+// reader that finds the stamp it expects finds the value written with it: the
+// data and their readiness arrive in one round trip, with no fence, flag or
+// counter between them. Two adjacent words go as one 16-byte access.
+__device__ __forceinline__ unsigned long long stamp_word(float v, unsigned stamp) {
+  return static_cast<unsigned long long>(stamp) << 32 | __float_as_uint(v);
+}
+__device__ __forceinline__ void st_stamped2(unsigned long long* p, float a, float b, unsigned stamp) {
+  asm volatile("st.relaxed.gpu.global.v2.b64 [%0], {%1, %2};" ::"l"(p), "l"(stamp_word(a, stamp)),
+               "l"(stamp_word(b, stamp))
+               : "memory");
+}
+__device__ __forceinline__ void ld_stamped2(const unsigned long long* p, unsigned long long& a,
+                                            unsigned long long& b) {
+  asm volatile("ld.relaxed.gpu.global.v2.b64 {%0, %1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+}
+__device__ __forceinline__ bool stamped(unsigned long long w, unsigned stamp) {
+  return static_cast<unsigned>(w >> 32) == stamp;
+}
+__device__ __forceinline__ float stamped_value(unsigned long long w) {
+  return __uint_as_float(static_cast<unsigned>(w));
+}
+__device__ __forceinline__ unsigned ld_relaxed(const int* p) {
+  unsigned v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_relaxed(int* p, unsigned v) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 // Whether this block is the last of `arrivals` blocks to reach `ticket`, by
 // every thread of it. One thread takes the ticket after the block barrier, so
 // the block's writes before the call are released with it, and the last block

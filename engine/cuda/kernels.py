@@ -400,16 +400,23 @@ def attention_splits(max_positions: int, kv_heads: int, sms: int) -> int:
 
 @dataclass
 class AttentionWorkspace:
-    part_o: torch.Tensor  # [heads, splits, D] fp32
-    part_ml: torch.Tensor  # [heads, splits, 2] fp32
-    tickets: torch.Tensor  # [kv_heads] int32, zero
+    """The attention's partial results and merge counters, for one launch at a
+    time (the layers of a step run one after another, so one serves them all).
+    Partial results are stamped words (int64: the fp32 value in the low half,
+    the stamp of the launch that wrote it in the high half); a fresh workspace
+    holds NaN values under stamp 0, which no launch expects."""
+
+    part_o: torch.Tensor  # [heads, splits, D] stamped words
+    part_ml: torch.Tensor  # [heads, splits, 2] stamped words
+    tickets: torch.Tensor  # [2, kv_heads] int32: splits past their wait, launches merged
 
     @staticmethod
     def make(heads: int, kv_heads: int, head_dim: int, splits: int, device: Any):
+        nan = 0x7FC00000  # fp32 quiet NaN bits, stamp 0
         return AttentionWorkspace(
-            torch.empty(heads, splits, head_dim, dtype=torch.float32, device=device),
-            torch.empty(heads, splits, 2, dtype=torch.float32, device=device),
-            torch.zeros(kv_heads, dtype=torch.int32, device=device),
+            torch.full((heads, splits, head_dim), nan, dtype=torch.int64, device=device),
+            torch.full((heads, splits, 2), nan, dtype=torch.int64, device=device),
+            torch.zeros(2, kv_heads, dtype=torch.int32, device=device),
         )
 
 
@@ -443,9 +450,9 @@ def attention(
         _check(v_cache, "v_cache", torch.bfloat16, (positions, kv_heads, d), dev),
         _check(out, "out", torch.bfloat16, (heads * d,), dev),
         _check(pos, "pos", torch.int32, (1,), dev, align=4),
-        _check(ws.part_o, "part_o", torch.float32, (heads, splits, d), dev),
-        _check(ws.part_ml, "part_ml", torch.float32, (heads, splits, 2), dev),
-        _check(ws.tickets, "tickets", torch.int32, (kv_heads,), dev),
+        _check(ws.part_o, "part_o", torch.int64, (heads, splits, d), dev),
+        _check(ws.part_ml, "part_ml", torch.int64, (heads, splits, 2), dev),
+        _check(ws.tickets, "tickets", torch.int32, (2, kv_heads), dev),
         heads,
         kv_heads,
         d,

@@ -282,7 +282,6 @@ def test_attention(heads, kv_heads, d, length, positions):
     vc = torch.full((positions, kv_heads, d), float("nan"), device=DEV, dtype=BF)
     kc[:length] = torch.randn(length, kv_heads, d, device=DEV).to(BF)
     vc[:length] = torch.randn(length, kv_heads, d, device=DEV).to(BF)
-    q = (2 * torch.randn(heads, d, device=DEV)).to(BF)
     op = Op(
         "a",
         "gqa_attention",
@@ -291,20 +290,26 @@ def test_attention(heads, kv_heads, d, length, positions):
         (),
         {"kv_heads": kv_heads, "k_cache": "k", "v_cache": "v"},
     )
-    ctx = StepContext(length - 1, torch.tensor([length - 1], device=DEV), {"k": kc, "v": vc})
     # The reference op on fp32 copies of the same bf16 inputs: the kernel keeps
     # scores and probabilities in fp32, which the bf16 reference rounds.
-    ctx = StepContext(length - 1, ctx.positions, {"k": kc.float(), "v": vc.float()})
-    ref = run_ref("gqa_attention", op, {}, {"q": q.float()[None]}, ctx)["attn"][0]
+    pos = torch.tensor([length - 1], dtype=torch.int32, device=DEV)
+    ctx = StepContext(length - 1, pos, {"k": kc.float(), "v": vc.float()})
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows_a_split = 8192 // (2 * d)  # kAttnStaged
     for splits in sorted({1, kernels.attention_splits(positions, kv_heads, sms), 7}):
         ws = kernels.AttentionWorkspace.make(heads, kv_heads, d, splits, DEV)
-        out = torch.full((heads * d,), float("nan"), device=DEV, dtype=BF)
-        pos = torch.tensor([length - 1], dtype=torch.int32, device=DEV)
-        for _ in range(2):  # twice: the merge ticket must be back at zero
+        # Three launches on one workspace, each with its own q: a merge that took
+        # a split's words from an earlier launch (an old stamp) would be off.
+        for launch in range(3):
+            q = (2 * torch.randn(heads, d, device=DEV)).to(BF)
+            ref = run_ref("gqa_attention", op, {}, {"q": q.float()[None]}, ctx)["attn"][0]
+            out = torch.full((heads * d,), float("nan"), device=DEV, dtype=BF)
             kernels.attention(q, kc, vc, out, pos, ws)()
-        close_bf16(out, ref, f"attention H={heads}/{kv_heads} D={d} L={length} splits={splits}")
-        assert (ws.tickets == 0).all()
+            what = f"attention H={heads}/{kv_heads} D={d} L={length} splits={splits} #{launch}"
+            close_bf16(out, ref, what)
+        merges = 3 if min(splits, -(-length // rows_a_split)) > 1 else 0
+        assert (ws.tickets[0] == 0).all(), "arrival count not reset"
+        assert (ws.tickets[1] == merges).all(), f"launch count {ws.tickets[1].tolist()}"
 
 
 @pytest.mark.parametrize("vocab,k", [(128256, 2048), (49152, 576), (1001, 264)])
