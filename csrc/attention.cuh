@@ -128,7 +128,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   trace_mark(rec, 1);
   // The split that passes its wait last merges: every other split of its kv
   // head has then started, so the splits it waits for are running. Both
-  // results are used at the end; the round trip runs under the split's work.
+  // results are used after the rounds; the round trip runs under them.
   int arrival = 0;
   unsigned launches = 0;
   if (threadIdx.x == 0 && splits > 1) {
@@ -152,11 +152,6 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       s_q[i * 8 + 2 * e] = f.x * qs;
       s_q[i * 8 + 2 * e + 1] = f.y * qs;
     }
-  }
-
-  if (threadIdx.x == 0) {  // published by the first round's barrier
-    s_last = arrival == splits - 1;
-    s_stamp = launches + 1;  // never 0, the stamp of a fresh workspace
   }
 
   float2 acc[S::kPer];
@@ -245,9 +240,15 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     }
   }
 
-  // Every thread past its rows, and the running (m, l) written: a split left
-  // empty by the rounding of `chunk` ran no round, hence no barrier since s_m
-  // and s_l were set.
+  // Thread 0's round trip for the merge roles, long done (published here, not
+  // before the rounds: waiting for it there delayed the first round ~0.8 us).
+  if (threadIdx.x == 0) {
+    s_last = arrival == splits - 1;
+    s_stamp = launches + 1;  // never 0, the stamp of a fresh workspace
+  }
+  // Every thread past its rows, the running (m, l) and the roles written: a
+  // split left empty by the rounding of `chunk` ran no round, hence no barrier
+  // since s_m and s_l were set.
   __syncthreads();
   // The parts' sums into part 0's threads (kParts > 1 means one pair a thread).
   if (S::kParts > 1) {
