@@ -128,10 +128,12 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   trace_mark(rec, 1);
   // The split that passes its wait last merges: every other split of its kv
   // head has then started, so the splits it waits for are running. Both
-  // results are used after the rounds; the round trip runs under them.
+  // results are used after the rounds; the round trip runs under them, in
+  // the last thread, which loads nothing else here.
+  constexpr int kRoles = kAttnThreads - 1;
   int arrival = 0;
   unsigned launches = 0;
-  if (threadIdx.x == 0 && splits > 1) {
+  if (threadIdx.x == kRoles && splits > 1) {
     arrival = atomicAdd(&p.tickets[kvh], 1);
     launches = ld_relaxed(&p.tickets[p.kv_heads + kvh]);
   }
@@ -240,9 +242,9 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     }
   }
 
-  // Thread 0's round trip for the merge roles, long done (published here, not
-  // before the rounds: waiting for it there delayed the first round ~0.8 us).
-  if (threadIdx.x == 0) {
+  // The merge roles, long arrived (published here, not before the rounds:
+  // waiting for them there delayed the first round ~0.8 us).
+  if (threadIdx.x == kRoles) {
     s_last = arrival == splits - 1;
     s_stamp = launches + 1;  // never 0, the stamp of a fresh workspace
   }
