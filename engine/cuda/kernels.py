@@ -408,7 +408,7 @@ class AttentionWorkspace:
 
     part_o: torch.Tensor  # [heads, splits, D] stamped words
     part_ml: torch.Tensor  # [heads, splits, 2] stamped words
-    tickets: torch.Tensor  # [2, kv_heads] int32: splits past their wait, launches merged
+    tickets: torch.Tensor  # [kv_heads, 32] int32: [h, 0] splits past the wait, [h, 1] merges
 
     @staticmethod
     def make(heads: int, kv_heads: int, head_dim: int, splits: int, device: Any):
@@ -416,7 +416,7 @@ class AttentionWorkspace:
         return AttentionWorkspace(
             torch.full((heads, splits, head_dim), nan, dtype=torch.int64, device=device),
             torch.full((heads, splits, 2), nan, dtype=torch.int64, device=device),
-            torch.zeros(2, kv_heads, dtype=torch.int32, device=device),
+            torch.zeros(kv_heads, 32, dtype=torch.int32, device=device),
         )
 
 
@@ -452,7 +452,7 @@ def attention(
         _check(pos, "pos", torch.int32, (1,), dev, align=4),
         _check(ws.part_o, "part_o", torch.int64, (heads, splits, d), dev),
         _check(ws.part_ml, "part_ml", torch.int64, (heads, splits, 2), dev),
-        _check(ws.tickets, "tickets", torch.int32, (2, kv_heads), dev),
+        _check(ws.tickets, "tickets", torch.int32, (kv_heads, 32), dev),
         heads,
         kv_heads,
         d,

@@ -308,8 +308,8 @@ def test_attention(heads, kv_heads, d, length, positions):
             what = f"attention H={heads}/{kv_heads} D={d} L={length} splits={splits} #{launch}"
             close_bf16(out, ref, what)
         merges = 3 if min(splits, -(-length // rows_a_split)) > 1 else 0
-        assert (ws.tickets[0] == 0).all(), "arrival count not reset"
-        assert (ws.tickets[1] == merges).all(), f"launch count {ws.tickets[1].tolist()}"
+        assert (ws.tickets[:, 0] == 0).all(), "arrival count not reset"
+        assert (ws.tickets[:, 1] == merges).all(), f"launch count {ws.tickets[:, 1].tolist()}"
 
 
 @pytest.mark.parametrize("vocab,k", [(128256, 2048), (49152, 576), (1001, 264)])
