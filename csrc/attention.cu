@@ -33,6 +33,9 @@ using namespace tilert;
 
 extern "C" {
 
+// Ints a kv head's merge counters take in the tickets array (one L2 line).
+int tilert_attention_ticket_line() { return kAttnTicketLine; }
+
 int tilert_attention_supported(int head_dim, int group) {
   return (head_dim == 64 || head_dim == 128) && group >= 1 && group <= 8;
 }

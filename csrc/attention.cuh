@@ -59,7 +59,9 @@ constexpr int kAttnStaged = 8192 / (kD * 2);
 // one round.
 constexpr int kAttnMergeChunk = 9;
 // Rounds of loads the merging block makes before it gives up on a split whose
-// stamp never arrives (about a second): a trap instead of a hung GPU.
+// stamp never arrives (0.2-1 s, a round being an L2 round trip): a trap
+// instead of a hung GPU. Counted in rounds, not time: a context switched out
+// mid-launch stops the splits and the merging block alike.
 constexpr int kAttnMaxPolls = 1 << 20;
 // Ints a kv head's counters take: one L2 line each, so that the kv heads'
 // splits do not queue on one line (on the Llama-3.2-1B step, 136 splits of 8 kv
@@ -251,7 +253,8 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   // waiting for them there delayed the first round ~0.8 us).
   if (threadIdx.x == kRoles) {
     s_last = arrival == splits - 1;
-    s_stamp = launches + 1;  // never 0, the stamp of a fresh workspace
+    // Never 0, the stamp of a fresh workspace's words (also past 2^32 launches).
+    s_stamp = launches + 1 != 0 ? launches + 1 : 1;
   }
   // Every thread past its rows, the running (m, l) and the roles written: a
   // split left empty by the rounding of `chunk` ran no round, hence no barrier

@@ -39,6 +39,7 @@ _SIGNATURES = {
     "tilert_gemv_plan": [_I] * 5 + [ctypes.POINTER(ctypes.c_int)] * 2,
     "tilert_gemv_plan_for": [_I] * 6 + [ctypes.POINTER(ctypes.c_int)] * 2,
     "tilert_attention_supported": [_I, _I],
+    "tilert_attention_ticket_line": [],
     "tilert_sample": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _I],
     "tilert_sample_config_size": [],
     "tilert_sample_config_offsets": [ctypes.POINTER(ctypes.c_int), _I],
@@ -403,21 +404,34 @@ class AttentionWorkspace:
     """The attention's partial results and merge counters, for one launch at a
     time (the layers of a step run one after another, so one serves them all).
     Partial results are stamped words (int64: the fp32 value in the low half,
-    the stamp of the launch that wrote it in the high half); a fresh workspace
-    holds NaN values under stamp 0, which no launch expects."""
+    the stamp of the launch that wrote it in the high half); a fresh or reset
+    workspace holds NaN values under stamp 0, which no launch expects. A
+    stamp is the kv head's launch count + 1: `reset` at the start of each
+    sequence keeps every count far from its 2^32 wrap, so that no word left
+    from an earlier launch can carry the current stamp."""
 
     part_o: torch.Tensor  # [heads, splits, D] stamped words
     part_ml: torch.Tensor  # [heads, splits, 2] stamped words
-    tickets: torch.Tensor  # [kv_heads, 32] int32: [h, 0] splits past the wait, [h, 1] merges
+    tickets: torch.Tensor  # [kv_heads, line] int32: [h, 0] splits past the wait, [h, 1] merges
+
+    _FRESH = 0x7FC00000  # fp32 quiet NaN bits under stamp 0
 
     @staticmethod
     def make(heads: int, kv_heads: int, head_dim: int, splits: int, device: Any):
-        nan = 0x7FC00000  # fp32 quiet NaN bits, stamp 0
-        return AttentionWorkspace(
-            torch.full((heads, splits, head_dim), nan, dtype=torch.int64, device=device),
-            torch.full((heads, splits, 2), nan, dtype=torch.int64, device=device),
-            torch.zeros(kv_heads, 32, dtype=torch.int32, device=device),
+        line = lib().tilert_attention_ticket_line()
+        ws = AttentionWorkspace(
+            torch.empty(heads, splits, head_dim, dtype=torch.int64, device=device),
+            torch.empty(heads, splits, 2, dtype=torch.int64, device=device),
+            torch.empty(kv_heads, line, dtype=torch.int32, device=device),
         )
+        ws.reset()
+        return ws
+
+    def reset(self) -> None:
+        """Back to the fresh state, on the current stream."""
+        self.part_o.fill_(self._FRESH)
+        self.part_ml.fill_(self._FRESH)
+        self.tickets.zero_()
 
 
 def attention(
@@ -452,7 +466,13 @@ def attention(
         _check(pos, "pos", torch.int32, (1,), dev, align=4),
         _check(ws.part_o, "part_o", torch.int64, (heads, splits, d), dev),
         _check(ws.part_ml, "part_ml", torch.int64, (heads, splits, 2), dev),
-        _check(ws.tickets, "tickets", torch.int32, (kv_heads, 32), dev),
+        _check(
+            ws.tickets,
+            "tickets",
+            torch.int32,
+            (kv_heads, lib().tilert_attention_ticket_line()),
+            dev,
+        ),
         heads,
         kv_heads,
         d,

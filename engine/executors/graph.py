@@ -398,6 +398,8 @@ class GraphExecutor:
         decode kernels read, so decode continues from there."""
         if not ids:
             raise ValueError("prefill needs at least one token")
+        if self._attn_ws is not None:  # a new sequence: merge stamps start over
+            self._attn_ws.reset()
         logits = self._ref.prefill(ids, trace=trace, stop_after=stop_after)
         self.length = self._ref.length
         return logits

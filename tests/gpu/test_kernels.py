@@ -292,24 +292,35 @@ def test_attention(heads, kv_heads, d, length, positions):
     )
     # The reference op on fp32 copies of the same bf16 inputs: the kernel keeps
     # scores and probabilities in fp32, which the bf16 reference rounds.
-    pos = torch.tensor([length - 1], dtype=torch.int32, device=DEV)
-    ctx = StepContext(length - 1, pos, {"k": kc.float(), "v": vc.float()})
+    caches = {"k": kc.float(), "v": vc.float()}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows_a_split = 8192 // (2 * d)  # kAttnStaged
+    # Four launches on one workspace, each with its own q and length: a merge
+    # that took words of an earlier launch (an old stamp) would be off. The
+    # short second length leaves split slots unused that the third takes up
+    # again; before the fourth the launch counts sit at 2^32 - 1, where the
+    # stamp skips 0 (the stamp of a fresh workspace's words).
+    lengths = [length, max(1, length // 3), length, length]
     for splits in sorted({1, kernels.attention_splits(positions, kv_heads, sms), 7}):
         ws = kernels.AttentionWorkspace.make(heads, kv_heads, d, splits, DEV)
-        # Three launches on one workspace, each with its own q: a merge that took
-        # a split's words from an earlier launch (an old stamp) would be off.
-        for launch in range(3):
+        count = 0  # the kernel's launch count of every kv head, mirrored
+        for launch, n in enumerate(lengths):
+            if launch == 3:
+                ws.tickets[:, 1] = count = -1
             q = (2 * torch.randn(heads, d, device=DEV)).to(BF)
+            pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
+            ctx = StepContext(n - 1, pos, caches)
             ref = run_ref("gqa_attention", op, {}, {"q": q.float()[None]}, ctx)["attn"][0]
             out = torch.full((heads * d,), float("nan"), device=DEV, dtype=BF)
             kernels.attention(q, kc, vc, out, pos, ws)()
-            what = f"attention H={heads}/{kv_heads} D={d} L={length} splits={splits} #{launch}"
+            what = f"attention H={heads}/{kv_heads} D={d} L={n} splits={splits} #{launch}"
             close_bf16(out, ref, what)
-        merges = 3 if min(splits, -(-length // rows_a_split)) > 1 else 0
+            if min(splits, -(-n // rows_a_split)) > 1:  # merged
+                count = count + 1 if count != -1 else 1
         assert (ws.tickets[:, 0] == 0).all(), "arrival count not reset"
-        assert (ws.tickets[:, 1] == merges).all(), f"launch count {ws.tickets[:, 1].tolist()}"
+        assert (ws.tickets[:, 1] == count).all(), f"launch count {ws.tickets[:, 1].tolist()}"
+        ws.reset()
+        assert (ws.tickets == 0).all() and (ws.part_o >> 32 == 0).all()
 
 
 @pytest.mark.parametrize("vocab,k", [(128256, 2048), (49152, 576), (1001, 264)])
