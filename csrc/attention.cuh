@@ -33,7 +33,7 @@ struct AttnParams {
   // Partial results as stamped words (common.cuh): fp32 value, launch stamp.
   unsigned long long* part_o;   // [heads, splits, D]
   unsigned long long* part_ml;  // [heads, splits, 2] (running max in log2 units, sum)
-  // [kv_heads, 32], one 128-byte line a kv head: [h][0] counts the splits past
+  // [kv_heads, kAttnTicketLine], one L2 line a kv head: [h][0] counts the splits past
   // their wait (zero between launches), [h][1] the launches merged so far; the
   // merging split resets the first and advances the second.
   int* tickets;
