@@ -67,7 +67,8 @@ int tilert_gemv(const void* w, const void* x, const void* norm_w, const void* bi
                 const int* pos, void* k_cache, void* v_cache, const void* q_norm,
                 const void* k_norm, float* part_max, int* part_idx, int n, int k, int epilogue,
                 int pairs, int pairs_per_tile, int ksplit, int inter, int heads, int kv_heads,
-                int head_dim, float eps, int blocks, void* stream, int pdl) {
+                int head_dim, int fill_delay_ns, float eps, int blocks, void* stream,
+                int pdl) {
   GemvParams p = {};
   p.w = static_cast<const bf16*>(w);
   p.x = static_cast<const bf16*>(x);
@@ -94,6 +95,7 @@ int tilert_gemv(const void* w, const void* x, const void* norm_w, const void* bi
   p.heads = heads;
   p.kv_heads = kv_heads;
   p.head_dim = head_dim;
+  p.fill_delay_ns = fill_delay_ns;
   p.eps = eps;
   if (blocks < 1) return static_cast<int>(cudaErrorInvalidValue);
   int late = 0;
@@ -125,6 +127,9 @@ int tilert_gemv_plan_for(int k, int pairs, int pairs_per_tile, int ksplit, int b
   *out_blocks = blocks;
   return static_cast<int>(cudaSuccess);
 }
+
+// Bytes of weights a GEMV block holds in its ring before its wait.
+int tilert_gemv_ring_bytes() { return kGemvRingBytes; }
 
 int tilert_embed(const void* table, const int* ids, void* x, int hidden, void* stream, int pdl) {
   return launch_co_resident(embed_kernel, dim3(1), dim3(256), 0, stream, pdl,

@@ -53,8 +53,27 @@ struct GemvParams {
   // When the next kernel may launch: 0 as soon as this block's ring is filled,
   // 1 once its weights are all read (gemv_late_trigger).
   int late_trigger;
+  // Nanoseconds a block holds its ring fill back (gemv_hold_fill).
+  int fill_delay_ns;
   TraceRef trace;
 };
+
+// The chain qkv -> attention -> o_proj of a decode layer is latency-bound, and
+// DRAM serves requests about in the order they come. o_proj, launched while
+// qkv waits, issued its whole ring fill (8.4 MB on Llama-3.2-1B) just before
+// qkv, released, asked for the weights past its rings, which then queued
+// behind it. Held back 1.5 us, o_proj's fill goes after them: the Llama-3.2-1B
+// step 1.0215 -> 1.0133 and 1.0227 -> 1.0141 ms in two runs on an H100
+// (benchmarks/NOTES.md, v8; held 1 / 2 / 2.5 / 3.5 us: 1.0178 / 1.0146 /
+// 1.0207 / 1.0325). A gate that opened once qkv's warps had issued their last
+// loads was slower (1.048): its polling and the posts in the GEMV's loader
+// cost more than the order gained.
+__device__ __forceinline__ void gemv_hold_fill(const GemvParams& p) {
+  if (p.fill_delay_ns <= 0) return;
+  const unsigned long long t = globaltimer();
+  while (globaltimer() - t < (unsigned long long)p.fill_delay_ns) {
+  }
+}
 
 __device__ __forceinline__ void gemv_pair_rows(const GemvParams& p, int pair, int& r0, int& r1) {
   if (p.epilogue == kSiluMul) {
@@ -319,6 +338,7 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
   const int steps = (chunk + kWarp - 1) / kWarp;
 
   const unsigned long long t0 = trace_clock(p.trace);
+  gemv_hold_fill(p);
   // Weights never depend on the previous kernel: fill the ring before waiting.
   GemvLoader L = {static_cast<int>(blockIdx.x), warp, 0, nullptr, nullptr, 0, 0, blockIdx.x >= tiles};
   if (!L.done) gemv_loader_seek(p, L, tiles);

@@ -33,13 +33,14 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int
 _F = ctypes.c_float
 _SIGNATURES = {
-    "tilert_gemv": [_P] * 15 + [_I] * 10 + [_F, _I, _P, _I],
+    "tilert_gemv": [_P] * 15 + [_I] * 11 + [_F, _I, _P, _I],
     "tilert_embed": [_P, _P, _P, _I, _P, _I],
     "tilert_attention": [_P] * 8 + [_I] * 4 + [_F, _I, _P, _I],
     "tilert_gemv_plan": [_I] * 5 + [ctypes.POINTER(ctypes.c_int)] * 2,
     "tilert_gemv_plan_for": [_I] * 6 + [ctypes.POINTER(ctypes.c_int)] * 2,
     "tilert_attention_supported": [_I, _I],
     "tilert_attention_ticket_line": [],
+    "tilert_gemv_ring_bytes": [],
     "tilert_sample": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _I],
     "tilert_sample_config_size": [],
     "tilert_sample_config_offsets": [ctypes.POINTER(ctypes.c_int), _I],
@@ -111,6 +112,7 @@ class Launch:
     keep: tuple = ()  # tensors that must outlive the launch
     ops: tuple = ()
     late_trigger: bool = False  # lets the next kernel launch only near its end
+    block_bytes: int = 0  # weight bytes a GEMV block reads
 
     def __call__(self, stream: int | None = None, pdl: bool = False) -> None:
         if stream is None:
@@ -257,6 +259,7 @@ def gemv(
     part_max: torch.Tensor | None = None,
     part_idx: torch.Tensor | None = None,
     tiling: tuple[int, int, int] | None = None,
+    fill_delay_ns: int = 0,
 ) -> Launch:
     """y = W @ rmsnorm?(x) with a fused epilogue.
 
@@ -267,7 +270,11 @@ def gemv(
                 into rope.k_cache / rope.v_cache at rope.pos
       logits:   out [N] fp32; part_max / part_idx [tiles] each tile's max, argmax
     `tiling` = (pairs per tile, K split, blocks) overrides gemv_tiling (tests).
+    `fill_delay_ns`: the blocks hold their ring fill back that long (see
+    csrc/gemv.cuh, gemv_hold_fill); results do not depend on it.
     """
+    if not 0 <= fill_delay_ns < 2**31:
+        raise ValueError(f"gemv: fill_delay_ns={fill_delay_ns} out of range")
     dev = w.device
     n, k = w.shape
     if k % 8:
@@ -359,12 +366,26 @@ def gemv(
         heads,
         kv_heads,
         head_dim,
+        int(fill_delay_ns),
         float(eps),
         blocks,
     )
     keep = (w, x, out, norm_weight, bias, residual, rope, part_max, part_idx)
-    _, late = gemv_plan(k, pairs, ppt, ksplit, blocks)
-    return Launch(f"gemv[{epilogue}]", lib().tilert_gemv, args, keep, late_trigger=late)
+    planned, late = gemv_plan(k, pairs, ppt, ksplit, blocks)
+    per_block = math.ceil(tiles / planned) * ppt * 2 * k * 2
+    return Launch(
+        f"gemv[{epilogue}]",
+        lib().tilert_gemv,
+        args,
+        keep,
+        late_trigger=late,
+        block_bytes=per_block,
+    )
+
+
+def loads_after_wait(la: Launch) -> bool:
+    """Whether a GEMV's blocks read weights past their rings, after their wait."""
+    return la.block_bytes > lib().tilert_gemv_ring_bytes()
 
 
 def _planner(k: int, pairs: int) -> Plan:

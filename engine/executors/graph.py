@@ -47,6 +47,10 @@ Trace = Callable[[Op, dict[str, torch.Tensor]], None]
 
 _STAGING_SLOTS = 8  # pinned step-input buffers in flight (prefill enqueues many steps)
 _STEP_HEADER = struct.Struct("<iiii")  # token, position, length, padding
+# How long a layer's o_proj holds its ring fill back when the qkv before it
+# reads weights after its wait (csrc/gemv.cuh, gemv_hold_fill; measured on an
+# H100 with Llama-3.2-1B, benchmarks/NOTES.md v8).
+_OPROJ_FILL_DELAY_NS = 1500
 
 
 class GraphExecutor:
@@ -130,6 +134,7 @@ class GraphExecutor:
         bf = torch.bfloat16
         hidden = self.model.hidden_size
         i = 0
+        hold = 0  # the next o_proj's fill delay: set by a qkv that reads past its rings
 
         def consumes(j: int, name: str) -> bool:
             return j < len(ops) and len(ops[j].inputs) > 0 and ops[j].inputs[0] == name
@@ -164,9 +169,13 @@ class GraphExecutor:
                     and nxt.kind in ("rope_kv_append", "silu_mul")
                 ):
                     la = self._lower_linear(norm, op, nxt)
+                    if nxt.kind == "rope_kv_append":
+                        hold = _OPROJ_FILL_DELAY_NS if kernels.loads_after_wait(la) else 0
                     i += 2
                 else:
-                    la = self._lower_linear(norm, op, None)
+                    o_proj = norm is None and len(op.inputs) > 1
+                    la = self._lower_linear(norm, op, None, fill_delay_ns=hold if o_proj else 0)
+                    hold = 0 if o_proj else hold
                     i += 1
                 launches.append(la)
                 continue
@@ -196,7 +205,9 @@ class GraphExecutor:
             for la in launches
         ]
 
-    def _lower_linear(self, norm: Op | None, op: Op, epi: Op | None) -> kernels.Launch:
+    def _lower_linear(
+        self, norm: Op | None, op: Op, epi: Op | None, fill_delay_ns: int = 0
+    ) -> kernels.Launch:
         p = self._params(op)
         w = p["weight"]
         n = w.shape[0]
@@ -204,6 +215,7 @@ class GraphExecutor:
         common = dict(
             norm_weight=self._params(norm)["weight"] if norm is not None else None,
             eps=float(norm.attrs["eps"]) if norm is not None else 1e-6,
+            fill_delay_ns=fill_delay_ns,
         )
         covered = tuple(o for o in (norm, op, epi) if o is not None)
         if epi is not None and epi.kind == "rope_kv_append":

@@ -158,6 +158,29 @@ def test_gemv_store_residual_in_place():
     close_bf16(x, ref, "o_proj residual in place")
 
 
+def test_gemv_fill_delay():
+    """A held fill changes when the blocks stream, not what they compute: the
+    same bits as without it, and the launch lasts at least the hold."""
+    n, k = 2048, 2048
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF)
+    a = torch.randn(k, device=DEV).to(BF)
+    res = torch.randn(n, device=DEV).to(BF)
+    plain, held = res.clone(), res.clone()
+    kernels.gemv(w, a, plain, residual=plain)()
+    hold_ns = 200_000
+    la = kernels.gemv(w, a, held, residual=held, fill_delay_ns=hold_ns)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    la()
+    end.record()
+    end.synchronize()
+    assert start.elapsed_time(end) * 1e6 >= hold_ns
+    assert torch.equal(held, plain)
+    close_bf16(plain, (res.float() + (w.float() @ a.float()).to(BF).float()).to(BF), "residual")
+    with pytest.raises(ValueError, match="fill_delay_ns"):
+        kernels.gemv(w, a, held, fill_delay_ns=-1)
+
+
 @pytest.mark.parametrize("inter,k", [(8192, 2048), (1536, 576), (2048 * 3 + 8, 2048), (5, 72)])
 def test_gemv_silu_mul(inter, k):
     w = (torch.randn(2 * inter, k, device=DEV) / k**0.5).to(BF)
