@@ -152,6 +152,36 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(t);
 }
 
+// Exclusive prefix sums of two counts over the block in thread order: thread
+// t gets the sums of a and of b over threads 0 .. t-1. Every thread calls it.
+__device__ __forceinline__ void block_exclusive_scan2(int a, int b, int& a_before, int& b_before) {
+  __shared__ int s_a[32], s_b[32];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = (blockDim.x + kWarp - 1) / kWarp;
+  int ia = a, ib = b;  // inclusive within the warp
+#pragma unroll
+  for (int o = 1; o < kWarp; o <<= 1) {
+    const int va = __shfl_up_sync(0xffffffffu, ia, o), vb = __shfl_up_sync(0xffffffffu, ib, o);
+    if (lane >= o) {
+      ia += va;
+      ib += vb;
+    }
+  }
+  __syncthreads();  // s_a / s_b may still be read by a previous call
+  if (lane == kWarp - 1) {
+    s_a[warp] = ia;
+    s_b[warp] = ib;
+  }
+  __syncthreads();
+  int wa = 0, wb = 0;
+  for (int w = 0; w < warp && w < warps; ++w) {
+    wa += s_a[w];
+    wb += s_b[w];
+  }
+  a_before = wa + ia - a;
+  b_before = wb + ib - b;
+}
+
 // Warp argmax of (v, idx); the lower index wins ties, like torch.argmax. All lanes get it.
 __device__ __forceinline__ void warp_argmax(float& v, int& idx) {
 #pragma unroll

@@ -3,14 +3,17 @@
 //   score[t] = sum_h w[h] * relu(scale * q[h] . k[t])     (engine/ops/indexer.py)
 //
 // (w already carries 1/sqrt(index heads); scale is 1/sqrt(index_head_dim)), then
-// selects the top `topk` positions into `sel` as int32, in no particular order.
+// selects the top `topk` positions into `sel` as int32, in increasing order (ties
+// at the k-th score go to the lowest positions).
 // With length <= topk every position is selected and sel[i] = i.
 //
 // Blocks score tiles of positions (grid-stride); the last block to finish (a
 // ticket counter) runs the selection over all scores: a radix select on the
 // order-preserving integer image of the floats, 8 bits per pass, finds the
-// k-th largest key T, then one pass writes every position above T and as many
-// at T as are still missing. One launch, no host round trip.
+// k-th largest key T, then each thread counts and writes the picks of its
+// own range of positions (one block scan in between): every position above T
+// and the lowest-positioned of those at T, in position order. One launch, no
+// host round trip.
 #pragma once
 
 #include "common.cuh"
@@ -101,7 +104,6 @@ __device__ __forceinline__ void indexer_scores(const IndexerParams& p, int len, 
 __device__ __forceinline__ void indexer_select(const IndexerParams& p, int n) {
   __shared__ uint32_t s_hist[256];
   __shared__ uint32_t s_prefix, s_need;
-  __shared__ int s_gt, s_eq;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   uint32_t prefix = 0, mask = 0, need = p.topk;  // need: how many of the keys matching prefix to take
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -147,21 +149,28 @@ __device__ __forceinline__ void indexer_select(const IndexerParams& p, int n) {
     need = s_need;
     mask |= 255u << shift;
   }
-  // prefix is now the k-th largest key T: take all keys above it and `need` keys equal to it.
-  const int above = p.topk - static_cast<int>(need);
-  if (threadIdx.x == 0) {
-    s_gt = 0;
-    s_eq = 0;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < n; i += kIdxThreads) {
+  // prefix is now the k-th largest key T: take every key above it and, of the
+  // keys equal to it, the `need` at the lowest positions, and write the picks
+  // in position order. Both make the selection a function of the scores alone
+  // (exact ties are common: a position every head scores below zero scores 0),
+  // so a replay attends the same positions and sums them in the same order.
+  // Each thread takes a contiguous range of positions: one block scan places
+  // its picks.
+  const int per = ((n + kIdxThreads - 1) / kIdxThreads + 3) & ~3;  // 16-byte aligned ranges
+  const int b = min(n, static_cast<int>(threadIdx.x) * per), e = min(n, b + per);
+  int gt = 0, eq = 0;
+  for (int i = b; i < e; ++i) {
     const uint32_t key = float_key(__ldcg(p.scores + i));
-    if (key > prefix) {
-      p.sel[atomicAdd(&s_gt, 1)] = i;
-    } else if (key == prefix) {
-      const int e = atomicAdd(&s_eq, 1);
-      if (e < static_cast<int>(need)) p.sel[above + e] = i;
-    }
+    gt += key > prefix;
+    eq += key == prefix;
+  }
+  int gt_before, eq_before;
+  block_exclusive_scan2(gt, eq, gt_before, eq_before);
+  int out = gt_before + min(eq_before, static_cast<int>(need));
+  int ties = eq_before;  // keys equal to T at positions before i
+  for (int i = b; i < e; ++i) {
+    const uint32_t key = float_key(__ldcg(p.scores + i));
+    if (key > prefix || (key == prefix && ties++ < static_cast<int>(need))) p.sel[out++] = i;
   }
 }
 

@@ -221,6 +221,7 @@ INDEXER_CASES = [
     (64, 128, 2048, 3001, 4096, 1),  # one block scores every tile, then selects
     (8, 64, 16, 1000, 1024, 7),
     (3, 136, 1, 77, 128, None),
+    (8, 64, 300, 1000, 1024, 3),  # half the keys zero: exact ties at the k-th score
 ]
 
 
@@ -229,6 +230,8 @@ def test_indexer_topk(heads, dim, topk, length, positions, blocks):
     q = torch.randn(heads, dim, device=DEV).to(BF)
     keys = torch.full((positions, dim), float("nan"), device=DEV, dtype=BF)
     keys[:length] = torch.randn(length, dim, device=DEV).to(BF)
+    if topk == 300:  # zero keys score exactly 0, and more than half the rest score below
+        keys[torch.randperm(length, device=DEV)[: length // 2]] = 0
     w = torch.randn(heads, device=DEV) * heads**-0.5
     # engine/ops/indexer.py index_scores, in float64
     s = (q.double() @ keys[:length].double().T) * dim**-0.5
@@ -254,6 +257,13 @@ def test_indexer_topk(heads, dim, topk, length, positions, blocks):
             assert all(v == -7 for v in got[length:]), f"{what}: wrote past length"
             continue
         assert len(set(got)) == topk and all(0 <= v < length for v in got), f"{what}: bad picks"
+        # From the kernel's own scores the picks are exact: the k largest, ties
+        # at the k-th going to the lowest positions, written in position order.
+        # Keys as the kernel orders floats (-0 below +0).
+        bits = ws.scores[:length].cpu().view(torch.int32).long() & 0xFFFFFFFF
+        key = torch.where(bits >= 2**31, 0xFFFFFFFF - bits, bits + 2**31).tolist()
+        order = sorted(range(length), key=lambda i: (-key[i], i))
+        assert got == sorted(order[:topk]), f"{what}: not the lowest-position ties in order"
         # Sets against torch.topk of the reference, up to scores within rounding of
         # the k-th largest: those may go either way.
         thr = ref.topk(topk).values[-1].item()
