@@ -54,10 +54,13 @@ constexpr int kAttnWarps = kAttnThreads / kWarp;
 template <int kD>
 constexpr int kAttnStaged = 8192 / (kD * 2);
 // Splits a thread of the merging block reads per round of loads, all in
-// flight at once: 9 keeps the kernel at 80 registers (a split is four 8-byte
-// stamped words a thread) and takes a 1K context's 17 splits (two parts) in
-// one round.
-constexpr int kAttnMergeChunk = 9;
+// flight at once (a split is four 8-byte stamped words a thread). With two
+// parts (head dim 64) 11 takes up to 22 splits, 1408 positions, in one round
+// at 90-96 registers; 9 (80 registers) took a second round, one more L2 round
+// trip, past 1152 positions: on an H100 the Llama-3.2-1B step at 1216
+// positions 1.0549 -> 1.0339 ms (SmolLM2 0.5242 -> 0.5006), at 1024 1.0134 ->
+// 1.0151 (benchmarks/NOTES.md, v8); 16 took 122 registers.
+constexpr int kAttnMergeChunk = 11;
 // Rounds of loads the merging block makes before it gives up on a split whose
 // stamp never arrives (0.2-1 s, a round being an L2 round trip): a trap
 // instead of a hung GPU. Counted in rounds, not time: a context switched out
