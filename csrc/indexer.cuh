@@ -156,7 +156,7 @@ __device__ __forceinline__ void indexer_select(const IndexerParams& p, int n) {
   // so a replay attends the same positions and sums them in the same order.
   // Each thread takes a contiguous range of positions: one block scan places
   // its picks.
-  const int per = ((n + kIdxThreads - 1) / kIdxThreads + 3) & ~3;  // 16-byte aligned ranges
+  const int per = ((n + kIdxThreads - 1) / kIdxThreads + 3) & ~3;  // a multiple of 4 positions
   const int b = min(n, static_cast<int>(threadIdx.x) * per), e = min(n, b + per);
   int gt = 0, eq = 0;
   for (int i = b; i < e; ++i) {
