@@ -128,8 +128,12 @@ int tilert_gemv_plan_for(int k, int pairs, int pairs_per_tile, int ksplit, int b
   return static_cast<int>(cudaSuccess);
 }
 
-// Bytes of weights a GEMV block holds in its ring before its wait.
-int tilert_gemv_ring_bytes() { return kGemvRingBytes; }
+// Whether the blocks of a launch (`blocks` as tilert_gemv_plan returns it)
+// read weights past their rings, after their wait.
+int tilert_gemv_loads_after_wait(int k, int pairs, int pairs_per_tile, int blocks) {
+  if (blocks < 1 || pairs_per_tile < 1) return 0;
+  return gemv_block_bytes(k, pairs, pairs_per_tile, blocks) > kGemvRingBytes;
+}
 
 int tilert_embed(const void* table, const int* ids, void* x, int hidden, void* stream, int pdl) {
   return launch_co_resident(embed_kernel, dim3(1), dim3(256), 0, stream, pdl,

@@ -106,12 +106,16 @@ __host__ __device__ __forceinline__ int gemv_smem_bytes(int k, int pairs_per_til
 // Measured on the Llama-3.2-1B step (benchmarks/NOTES.md): every GEMV early
 // 1.40 ms, late past one ring a block 1.24, late past four rings (gate_up and
 // the LM head) 1.21; SmolLM2, whose GEMVs all fit a ring, 0.66 either way.
+// Bytes of weights the busiest block of a launch reads.
+__host__ __device__ __forceinline__ long long gemv_block_bytes(int k, int pairs, int pairs_per_tile,
+                                                               int blocks) {
+  const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;
+  return (long long)((tiles + blocks - 1) / blocks) * pairs_per_tile * 2 * k * 2;
+}
+
 __host__ __device__ __forceinline__ int gemv_late_trigger(int k, int pairs, int pairs_per_tile,
                                                           int blocks) {
-  const int tiles = (pairs + pairs_per_tile - 1) / pairs_per_tile;
-  const long long per_block =
-      (long long)((tiles + blocks - 1) / blocks) * pairs_per_tile * 2 * k * 2;
-  return per_block > 4 * kGemvRingBytes;
+  return gemv_block_bytes(k, pairs, pairs_per_tile, blocks) > 4 * kGemvRingBytes;
 }
 
 // a0 += w0 . x, a1 += w1 . x over 8 bf16 each, x converted once for both rows.

@@ -78,6 +78,7 @@ TILING_SHAPES = [
 def check_gemv_tiling_choices() -> None:
     """The host's tiling choice (kernels.gemv_tiling) weighed by the library's own
     launch rule (tilert_gemv_plan_for, the one the launcher uses) for an H100 SM."""
+    from tilert.engine.cuda import kernels
     from tilert.engine.cuda.kernels import gemv_plan_for, gemv_tiling
 
     def h100_plan(k: int, pairs: int):
@@ -102,6 +103,18 @@ def check_gemv_tiling_choices() -> None:
             assert ppt * ksplit > 8, what
     # Llama-3.2-1B's qkv: 128 tiles of 12 pairs in K halves, not 192 of 8 whole pairs.
     assert gemv_tiling(2048, "store", 1536, 132, plan=h100_plan(2048, 1536)) == (12, 2)
+
+    # Which GEMVs read weights past their rings (64 KB a block) after their
+    # wait: the graph executor holds o_proj's fill only behind such a qkv.
+    after_wait = kernels.lib().tilert_gemv_loads_after_wait
+    assert after_wait(2048, 1536, 12, 128)  # Llama-3.2-1B qkv: 96 KB a block
+    assert not after_wait(2048, 1024, 8, 128)  # its o_proj: exactly one ring
+    assert after_wait(8192, 1024, 8, 128)  # its down: 256 KB a block
+    k, pairs = 576, (9 + 2 * 3) * 64 // 2  # SmolLM2's qkv: every GEMV fits its rings
+    ppt, ksplit = gemv_tiling(k, "rope_kv", pairs, 132, head_dim=64, plan=h100_plan(k, pairs))
+    blocks, _ = h100_plan(k, pairs)(ppt, ksplit, min(-(-pairs // ppt), 132))
+    assert not after_wait(k, pairs, ppt, blocks)
+    assert not after_wait(2048, 1536, 12, 0) and not after_wait(2048, 1536, 0, 128)
 
 
 def test_prebuilt_library_needs_no_compiler(tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ _SIGNATURES = {
     "tilert_gemv_plan_for": [_I] * 6 + [ctypes.POINTER(ctypes.c_int)] * 2,
     "tilert_attention_supported": [_I, _I],
     "tilert_attention_ticket_line": [],
-    "tilert_gemv_ring_bytes": [],
+    "tilert_gemv_loads_after_wait": [_I] * 4,
     "tilert_sample": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _I],
     "tilert_sample_config_size": [],
     "tilert_sample_config_offsets": [ctypes.POINTER(ctypes.c_int), _I],
@@ -112,7 +112,7 @@ class Launch:
     keep: tuple = ()  # tensors that must outlive the launch
     ops: tuple = ()
     late_trigger: bool = False  # lets the next kernel launch only near its end
-    block_bytes: int = 0  # weight bytes a GEMV block reads
+    loads_after_wait: bool = False  # a GEMV whose blocks read weights past their rings
 
     def __call__(self, stream: int | None = None, pdl: bool = False) -> None:
         if stream is None:
@@ -372,20 +372,14 @@ def gemv(
     )
     keep = (w, x, out, norm_weight, bias, residual, rope, part_max, part_idx)
     planned, late = gemv_plan(k, pairs, ppt, ksplit, blocks)
-    per_block = math.ceil(tiles / planned) * ppt * 2 * k * 2
     return Launch(
         f"gemv[{epilogue}]",
         lib().tilert_gemv,
         args,
         keep,
         late_trigger=late,
-        block_bytes=per_block,
+        loads_after_wait=bool(lib().tilert_gemv_loads_after_wait(k, pairs, ppt, planned)),
     )
-
-
-def loads_after_wait(la: Launch) -> bool:
-    """Whether a GEMV's blocks read weights past their rings, after their wait."""
-    return la.block_bytes > lib().tilert_gemv_ring_bytes()
 
 
 def _planner(k: int, pairs: int) -> Plan:

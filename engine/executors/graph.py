@@ -170,7 +170,7 @@ class GraphExecutor:
                 ):
                     la = self._lower_linear(norm, op, nxt)
                     if nxt.kind == "rope_kv_append":
-                        hold = _OPROJ_FILL_DELAY_NS if kernels.loads_after_wait(la) else 0
+                        hold = _OPROJ_FILL_DELAY_NS if la.loads_after_wait else 0
                     i += 2
                 else:
                     o_proj = norm is None and len(op.inputs) > 1
