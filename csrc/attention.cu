@@ -40,6 +40,12 @@ int tilert_attention_supported(int head_dim, int group) {
   return (head_dim == 64 || head_dim == 128) && group >= 1 && group <= 8;
 }
 
+// Splits of a kv head a launch uses at length `len` (attention_active_splits), or -1.
+int tilert_attention_active_splits(int len, int head_dim, int splits) {
+  if (len < 1 || splits < 1 || (head_dim != 64 && head_dim != 128)) return -1;
+  return attention_active_splits(len, head_dim, splits);
+}
+
 int tilert_attention(const void* q, const void* k_cache, const void* v_cache, void* out,
                      const int* pos, void* part_o, void* part_ml, int* tickets, int heads,
                      int kv_heads, int head_dim, int splits, float scale, int late_trigger,

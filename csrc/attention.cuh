@@ -15,7 +15,7 @@
 // stamped partial results, read by the merging split as they land) around
 // phases of shared-memory work. The launch has
 // `splits` blocks per kv head, but only as many take part as the current
-// length needs (kAttnStaged positions each): a short context does not pay for
+// length needs (attention_active_splits): a short context does not pay for
 // merging empty splits.
 #pragma once
 
@@ -48,11 +48,24 @@ struct AttnParams {
 constexpr int kAttnThreads = 256;
 constexpr int kMaxAttnSplits = 256;  // the host never asks for more
 constexpr int kAttnWarps = kAttnThreads / kWarp;
-// Positions of a split staged in shared memory per round (16 KB of K and V
-// rows). A split of a 1K context is one round of 64 positions: 128 rows a
+// Positions a split takes while the launch has splits to spare (8 KB of K and
+// V rows): a split of a 1K context is one round of 64 positions; 128 rows a
 // split took 3 us of shared-memory work after the wait on an H100.
 template <int kD>
-constexpr int kAttnStaged = 8192 / (kD * 2);
+constexpr int kAttnSplitRows = 8192 / (kD * 2);
+// Positions staged in shared memory per round, 1.5 split lengths: once every
+// split of the launch takes part, splits grow to this before they need a
+// second round (after the wait).
+template <int kD>
+constexpr int kAttnStaged = 3 * kAttnSplitRows<kD> / 2;
+
+// Splits of a kv head that take part at length `len`: one per kAttnSplitRows
+// positions, at most `splits` (the launch's).
+__host__ __device__ __forceinline__ int attention_active_splits(int len, int head_dim, int splits) {
+  const int rows = 8192 / (head_dim * 2);
+  return min(splits, (len + rows - 1) / rows);
+}
+
 // Splits a thread of the merging block reads per round of loads, all in
 // flight at once (a split is four 8-byte stamped words a thread). With two
 // parts (head dim 64) 11 takes up to 22 splits, 1408 positions, in one round
@@ -104,7 +117,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   const unsigned long long t0 = trace_clock(p.trace);
   const int pos = *p.pos;  // copied in before the step, not by the previous kernel
   const int len = pos + 1;
-  const int splits = min(p.splits, (len + kT - 1) / kT);
+  const int splits = attention_active_splits(len, kD, p.splits);
   if (split >= splits) {
     pdl_launch_dependents();
     trace_close(trace_open(p.trace, t0));

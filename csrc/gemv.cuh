@@ -62,12 +62,13 @@ struct GemvParams {
 // DRAM serves requests about in the order they come. o_proj, launched while
 // qkv waits, issued its whole ring fill (8.4 MB on Llama-3.2-1B) just before
 // qkv, released, asked for the weights past its rings, which then queued
-// behind it. Held back 1.5 us, o_proj's fill goes after them: the Llama-3.2-1B
-// step 1.0215 -> 1.0133 and 1.0227 -> 1.0141 ms in two runs on an H100
-// (benchmarks/NOTES.md, v8; held 1 / 2 / 2.5 / 3.5 us: 1.0178 / 1.0146 /
-// 1.0207 / 1.0325). A gate that opened once qkv's warps had issued their last
-// loads was slower (1.048): its polling and the posts in the GEMV's loader
-// cost more than the order gained.
+// behind it. Held back, o_proj's fill goes after them: the Llama-3.2-1B
+// step 1.0215 -> 1.0133 and 1.0227 -> 1.0141 ms in two runs on an H100 with
+// 1.5 us (benchmarks/NOTES.md, v8). How long depends on when o_proj launches:
+// since the attention launches one block an SM, 3 us (v9; the graph executor
+// sets it). A gate that opened once qkv's warps had issued their last loads
+// was slower (1.048): its polling and the posts in the GEMV's loader cost more
+// than the order gained.
 __device__ __forceinline__ void gemv_hold_fill(const GemvParams& p) {
   if (p.fill_delay_ns <= 0) return;
   const unsigned long long t = globaltimer();

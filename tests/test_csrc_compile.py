@@ -116,6 +116,27 @@ def check_gemv_tiling_choices() -> None:
     assert not after_wait(k, pairs, ppt, blocks)
     assert not after_wait(2048, 1536, 12, 0) and not after_wait(2048, 1536, 0, 128)
 
+    # The attention's splits of a kv head: about one block an SM, one a 64
+    # positions (head dim 64) while there are splits to spare.
+    splits = kernels.attention_splits(131072, 8, 132)  # Llama-3.2-1B on an H100
+    assert splits == 17 and kernels.attention_splits(131072, 3, 132) == 44
+    assert kernels.attention_splits(100, 8, 132) == 7  # none shorter than 16 positions
+    active = kernels.attention_active_splits
+    assert [active(n, 64, splits) for n in (1, 64, 65, 1025, 1088, 1089, 9999)] == [
+        1,
+        1,
+        2,
+        17,
+        17,
+        17,
+        17,
+    ]
+    assert [active(n, 128, 5) for n in (32, 33, 128, 129, 4000)] == [1, 2, 4, 5, 5]
+    with pytest.raises(ValueError):
+        active(0, 64, splits)
+    with pytest.raises(ValueError):
+        active(100, 96, splits)
+
 
 def test_prebuilt_library_needs_no_compiler(tmp_path, monkeypatch):
     """Images without nvcc load the library named by TILERT_KERNELS_LIB."""

@@ -36,6 +36,7 @@ _SIGNATURES = {
     "tilert_gemv": [_P] * 15 + [_I] * 11 + [_F, _I, _P, _I],
     "tilert_embed": [_P, _P, _P, _I, _P, _I],
     "tilert_attention": [_P] * 8 + [_I] * 4 + [_F, _I, _P, _I],
+    "tilert_attention_active_splits": [_I] * 3,
     "tilert_gemv_plan": [_I] * 5 + [ctypes.POINTER(ctypes.c_int)] * 2,
     "tilert_gemv_plan_for": [_I] * 6 + [ctypes.POINTER(ctypes.c_int)] * 2,
     "tilert_attention_supported": [_I, _I],
@@ -410,8 +411,28 @@ def embed(table: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> Launch:
 
 
 def attention_splits(max_positions: int, kv_heads: int, sms: int) -> int:
-    """Sequence splits: about two blocks per SM, none shorter than 16 positions, at most 256."""
-    return max(1, min(256, math.ceil(max_positions / 16), round(2 * sms / kv_heads)))
+    """Sequence splits of a kv head: about one block an SM (rounded to the
+    nearest split), none shorter than 16 positions, at most 256.
+
+    Up to 64 positions a split (head dim 64; 32 at 128) only as many take part
+    as the length needs; past that every split takes part and grows, one round
+    of up to 96 positions before the wait, more rounds after it. The blocks of
+    the launch all need room on the SMs, taking part or not. Measured on the
+    Llama-3.2-1B step on an H100 (benchmarks/NOTES.md, v9): two blocks an SM
+    (33 splits) cost ~14 us a step once a 18th split took part (from 1089
+    positions: its blocks waited for room), and the 128 blocks that did not
+    take part ~8 us at every length (they delay o_proj's launch).
+    """
+    return max(1, min(256, math.ceil(max_positions / 16), (sms + kv_heads // 2) // kv_heads))
+
+
+def attention_active_splits(length: int, head_dim: int, splits: int) -> int:
+    """The splits of a kv head that an attention launch of `splits` uses at
+    `length` positions (csrc/attention.cuh, attention_active_splits)."""
+    n = lib().tilert_attention_active_splits(length, head_dim, splits)
+    if n < 1:
+        raise ValueError(f"attention_active_splits: bad arguments {(length, head_dim, splits)}")
+    return n
 
 
 @dataclass

@@ -48,9 +48,13 @@ Trace = Callable[[Op, dict[str, torch.Tensor]], None]
 _STAGING_SLOTS = 8  # pinned step-input buffers in flight (prefill enqueues many steps)
 _STEP_HEADER = struct.Struct("<iiii")  # token, position, length, padding
 # How long a layer's o_proj holds its ring fill back when the qkv before it
-# reads weights after its wait (csrc/gemv.cuh, gemv_hold_fill; measured on an
-# H100 with Llama-3.2-1B, benchmarks/NOTES.md v8).
-_OPROJ_FILL_DELAY_NS = 1500
+# reads weights after its wait (csrc/gemv.cuh, gemv_hold_fill). Measured on an
+# H100 with Llama-3.2-1B (benchmarks/NOTES.md v8, v9): 1.5 us while the
+# attention launched two blocks an SM (the idle ones delayed o_proj's launch);
+# with one block an SM, 2 / 2.5 / 2.75 / 3 / 3.5 us gave 1.0015 / 0.9897 /
+# 0.9898 / 0.9904 / 0.9954 ms at 1024 positions and 3 us the flattest step
+# up to 1280 (0.9935).
+_OPROJ_FILL_DELAY_NS = 3000
 
 
 class GraphExecutor:

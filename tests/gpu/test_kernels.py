@@ -295,7 +295,7 @@ ATTN_CASES = [
     (28, 4, 128, 2049, 8192),
     (64, 8, 128, 1500, 2048),  # 8 heads a kv head, two output pairs a thread
     (8, 8, 64, 700, 1024),  # one head a kv head: the rows cut into four parts
-    (28, 4, 128, 2113, 8192),  # 66 splits of 33: the last split is empty
+    (28, 4, 128, 2113, 8192),  # 66 splits of 33 (twice 33): the last split is empty
 ]
 
 
@@ -317,14 +317,18 @@ def test_attention(heads, kv_heads, d, length, positions):
     # scores and probabilities in fp32, which the bf16 reference rounds.
     caches = {"k": kc.float(), "v": vc.float()}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rows_a_split = 8192 // (2 * d)  # kAttnStaged
     # Four launches on one workspace, each with its own q and length: a merge
     # that took words of an earlier launch (an old stamp) would be off. The
     # short second length leaves split slots unused that the third takes up
     # again; before the fourth the launch counts sit at 2^32 - 1, where the
     # stamp skips 0 (the stamp of a fresh workspace's words).
     lengths = [length, max(1, length // 3), length, length]
-    for splits in sorted({1, kernels.attention_splits(positions, kv_heads, sms), 7}):
+    # The executor's splits and twice as many; one; 7 (several rounds a
+    # split); as many as leave every split one round of more than 64
+    # positions (head dim 64).
+    full = kernels.attention_splits(positions, kv_heads, sms)
+    configs = {1, full, min(256, 2 * full), 7, -(-length // (3 * 8192 // (4 * d)))}
+    for splits in sorted(configs):
         ws = kernels.AttentionWorkspace.make(heads, kv_heads, d, splits, DEV)
         count = 0  # the kernel's launch count of every kv head, mirrored
         for launch, n in enumerate(lengths):
@@ -338,7 +342,7 @@ def test_attention(heads, kv_heads, d, length, positions):
             kernels.attention(q, kc, vc, out, pos, ws)()
             what = f"attention H={heads}/{kv_heads} D={d} L={n} splits={splits} #{launch}"
             close_bf16(out, ref, what)
-            if min(splits, -(-n // rows_a_split)) > 1:  # merged
+            if kernels.attention_active_splits(n, d, splits) > 1:  # merged
                 count = count + 1 if count != -1 else 1
         assert (ws.tickets[:, 0] == 0).all(), "arrival count not reset"
         assert (ws.tickets[:, 1] == count).all(), f"launch count {ws.tickets[:, 1].tolist()}"
