@@ -42,7 +42,7 @@ int tilert_attention_supported(int head_dim, int group) {
 
 // Splits of a kv head a launch uses at length `len` (attention_active_splits), or -1.
 int tilert_attention_active_splits(int len, int head_dim, int splits) {
-  if (len < 1 || splits < 1 || (head_dim != 64 && head_dim != 128)) return -1;
+  if (len < 1 || splits < 1 || !tilert_attention_supported(head_dim, 1)) return -1;
   return attention_active_splits(len, head_dim, splits);
 }
 

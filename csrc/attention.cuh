@@ -51,8 +51,9 @@ constexpr int kAttnWarps = kAttnThreads / kWarp;
 // Positions a split takes while the launch has splits to spare (8 KB of K and
 // V rows): a split of a 1K context is one round of 64 positions; 128 rows a
 // split took 3 us of shared-memory work after the wait on an H100.
+__host__ __device__ constexpr int attention_split_rows(int head_dim) { return 8192 / (head_dim * 2); }
 template <int kD>
-constexpr int kAttnSplitRows = 8192 / (kD * 2);
+constexpr int kAttnSplitRows = attention_split_rows(kD);
 // Positions staged in shared memory per round, 1.5 split lengths: once every
 // split of the launch takes part, splits grow to this before they need a
 // second round (after the wait).
@@ -62,7 +63,7 @@ constexpr int kAttnStaged = 3 * kAttnSplitRows<kD> / 2;
 // Splits of a kv head that take part at length `len`: one per kAttnSplitRows
 // positions, at most `splits` (the launch's).
 __host__ __device__ __forceinline__ int attention_active_splits(int len, int head_dim, int splits) {
-  const int rows = 8192 / (head_dim * 2);
+  const int rows = attention_split_rows(head_dim);
   return min(splits, (len + rows - 1) / rows);
 }
 
