@@ -64,10 +64,14 @@ struct GemvParams {
 // qkv, released, asked for the weights past its rings, which then queued
 // behind it. Held back, o_proj's fill goes after them: the Llama-3.2-1B
 // step 1.0215 -> 1.0133 and 1.0227 -> 1.0141 ms in two runs on an H100 with
-// 1.5 us (benchmarks/NOTES.md, v8). How long depends on when o_proj launches:
-// since the attention launches one block an SM, 3 us (v9; the graph executor
-// sets it). A gate that opened once qkv's warps had issued their last loads
-// was slower (1.048): its polling and the posts in the GEMV's loader cost more
+// 1.5 us (benchmarks/NOTES.md, v8). Whether and how long depends on when
+// o_proj launches: since the attention launches one block an SM, o_proj
+// launches early enough that its unheld fill goes before qkv's loads after
+// the wait (v10: unheld 9 us faster than 3 us at 1024 positions), while on
+// SmolLM2-135M, whose qkv keeps all its weights in its rings, a 2 us hold
+// lets the attention's requests go first (-14 us). The graph executor sets
+// it. A gate that opened once qkv's warps had issued their last loads was
+// slower (1.048): its polling and the posts in the GEMV's loader cost more
 // than the order gained.
 __device__ __forceinline__ void gemv_hold_fill(const GemvParams& p) {
   if (p.fill_delay_ns <= 0) return;

@@ -105,7 +105,7 @@ def check_gemv_tiling_choices() -> None:
     assert gemv_tiling(2048, "store", 1536, 132, plan=h100_plan(2048, 1536)) == (12, 2)
 
     # Which GEMVs read weights past their rings (64 KB a block) after their
-    # wait: the graph executor holds o_proj's fill only behind such a qkv.
+    # wait: the graph executor holds o_proj's fill only behind a qkv that does not.
     after_wait = kernels.lib().tilert_gemv_loads_after_wait
     assert after_wait(2048, 1536, 12, 128)  # Llama-3.2-1B qkv: 96 KB a block
     assert not after_wait(2048, 1024, 8, 128)  # its o_proj: exactly one ring

@@ -47,14 +47,16 @@ Trace = Callable[[Op, dict[str, torch.Tensor]], None]
 
 _STAGING_SLOTS = 8  # pinned step-input buffers in flight (prefill enqueues many steps)
 _STEP_HEADER = struct.Struct("<iiii")  # token, position, length, padding
-# How long a layer's o_proj holds its ring fill back when the qkv before it
-# reads weights after its wait (csrc/gemv.cuh, gemv_hold_fill). Measured on an
-# H100 with Llama-3.2-1B (benchmarks/NOTES.md v8, v9): 1.5 us while the
-# attention launched two blocks an SM (the idle ones delayed o_proj's launch);
-# with one block an SM, 2 / 2.5 / 2.75 / 3 / 3.5 us gave 1.0015 / 0.9897 /
-# 0.9898 / 0.9904 / 0.9954 ms at 1024 positions and 3 us the flattest step
-# up to 1280 (0.9935).
-_OPROJ_FILL_DELAY_NS = 3000
+# How long a layer's o_proj holds its ring fill back (csrc/gemv.cuh,
+# gemv_hold_fill) when the qkv before it keeps all its weights in its rings
+# (SmolLM2-135M); none where qkv reads weights after its wait (Llama-3.2-1B).
+# Measured on H100s, each setting in a fresh process (benchmarks/NOTES.md
+# v10): SmolLM2 at 1024 positions 0.4948 ms unheld, 0.4873 / 0.4806 / 0.4804
+# held 1 / 1.5 / 2 us, 2 us the flattest up to 1280 (0.4893); Llama-3.2-1B
+# 0.9959-0.9971 unheld against 1.0046-1.0047 held 3 us, the hold of v9 (since
+# the attention launches one block an SM, o_proj launches early enough that
+# its unheld fill is served before qkv's loads after its wait).
+_OPROJ_FILL_DELAY_NS = 2000
 
 
 class GraphExecutor:
@@ -138,7 +140,7 @@ class GraphExecutor:
         bf = torch.bfloat16
         hidden = self.model.hidden_size
         i = 0
-        hold = 0  # the next o_proj's fill delay: set by a qkv that reads past its rings
+        hold = 0  # the next o_proj's fill delay: set by a qkv that fits its rings
 
         def consumes(j: int, name: str) -> bool:
             return j < len(ops) and len(ops[j].inputs) > 0 and ops[j].inputs[0] == name
@@ -174,7 +176,7 @@ class GraphExecutor:
                 ):
                     la = self._lower_linear(norm, op, nxt)
                     if nxt.kind == "rope_kv_append":
-                        hold = _OPROJ_FILL_DELAY_NS if la.loads_after_wait else 0
+                        hold = 0 if la.loads_after_wait else _OPROJ_FILL_DELAY_NS
                     i += 2
                 else:
                     o_proj = norm is None and len(op.inputs) > 1
