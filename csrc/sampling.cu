@@ -32,14 +32,15 @@ int tilert_sample_config_offsets(int* out, int n) {
 }
 
 int tilert_sample(const float* logits, const float* part_max, const int* part_idx, int parts,
-                  const void* cfg, int* token_dev, int* token_host, int vocab, void* stream,
-                  int pdl) {
+                  void* cfg, int* advance, int* token_dev, int* token_host, int vocab,
+                  void* stream, int pdl) {
   SampleParams p = {};
   p.logits = logits;
   p.part_max = part_max;
   p.part_idx = part_idx;
   p.parts = parts;
-  p.cfg = static_cast<const SampleConfig*>(cfg);
+  p.cfg = static_cast<SampleConfig*>(cfg);
+  p.advance = advance;
   p.token_dev = token_dev;
   p.token_host = token_host;
   p.vocab = vocab;

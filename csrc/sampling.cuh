@@ -28,7 +28,11 @@ struct SampleParams {
   const float* logits;  // [vocab]
   const float* part_max;  // [parts] per LM head tile
   const int* part_idx;
-  const SampleConfig* cfg;
+  SampleConfig* cfg;
+  // Optional [position, length] of the step's input: moved on by one, with
+  // cfg->step, once the id is chosen, so that a step that follows with the
+  // same settings needs nothing from the host.
+  int* advance;
   int* token_dev;   // next step's input id
   int* token_host;  // host-mapped: the only thing the host waits for
   int vocab, parts;
@@ -126,6 +130,11 @@ __device__ __forceinline__ void sample_tile(const SampleParams& p) {
   }
   if (threadIdx.x == 0) {
     *p.token_dev = arg;
+    if (p.advance != nullptr) {  // every thread read cfg before block_argmax's barriers
+      p.advance[0] += 1;
+      p.advance[1] += 1;
+      p.cfg->step += 1;
+    }
     *reinterpret_cast<volatile int*>(p.token_host) = arg;
     __threadfence_system();
   }

@@ -42,7 +42,7 @@ _SIGNATURES = {
     "tilert_attention_supported": [_I, _I],
     "tilert_attention_ticket_line": [],
     "tilert_gemv_loads_after_wait": [_I] * 4,
-    "tilert_sample": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _I],
+    "tilert_sample": [_P, _P, _P, _I, _P, _P, _P, _P, _I, _P, _I],
     "tilert_sample_config_size": [],
     "tilert_sample_config_offsets": [ctypes.POINTER(ctypes.c_int), _I],
     "tilert_host_device_pointer": [_P, ctypes.POINTER(ctypes.c_void_p)],
@@ -544,10 +544,13 @@ def sample(
     config: torch.Tensor,
     token_dev: torch.Tensor,
     token_host: torch.Tensor,
+    advance: torch.Tensor | None = None,
 ) -> Launch:
     """Picks a token from logits [V] fp32 (and the LM head tiles' max/argmax);
     config is SampleConfig bytes in device memory (see sample_config); writes the
-    id to token_dev (device int32 [1]) and token_host (pinned int32 [1])."""
+    id to token_dev (device int32 [1]) and token_host (pinned int32 [1]). With
+    `advance` (device int32 [2]: the step's position and length), it then adds
+    one to both and to the config's step: the input of the step that follows."""
     dev = logits.device
     (v,) = logits.shape
     (parts,) = part_max.shape
@@ -557,11 +560,12 @@ def sample(
         _check(part_idx, "part_idx", torch.int32, (parts,), dev),
         parts,
         _check(config, "config", torch.uint8, (SAMPLE_CONFIG_BYTES,), dev, align=8),
+        _check(advance, "advance", torch.int32, (2,), dev, optional=True, align=4),
         _check(token_dev, "token_dev", torch.int32, (1,), dev, align=4),
         host_device_pointer(token_host),
         v,
     )
-    keep = (logits, part_max, part_idx, config, token_dev, token_host)
+    keep = (logits, part_max, part_idx, config, advance, token_dev, token_host)
     return Launch("sample", lib().tilert_sample, args, keep)
 
 

@@ -10,9 +10,11 @@ Lowering folds the model description's ops into launches:
   rmsnorm + lm_head                  -> GEMV to fp32 logits + per-tile argmax, then sample
 Every launch uses programmatic dependent launch, so a kernel starts reading its
 weights while the previous one drains. The token, position and sampling settings
-live in device memory, written by one small host-to-device copy before each
-replay, so the graph never changes; the sampler writes the next token id to
-pinned host memory, and reading it is the step's only host synchronization.
+live in device memory, so the graph never changes; the sampler writes the next
+token id to pinned host memory, and reading it is the step's only host
+synchronization. The sampler also moves the position and the sampling step on
+by one: a step that continues a stream with the same settings needs nothing
+from the host, any other gets one small host-to-device copy first.
 decode_tokens keeps one step in flight ahead of that read (the next step takes
 its input id from the sampler on the GPU), so the host's work per token
 overlaps the GPU's; the step is captured twice, the two samplers writing
@@ -108,6 +110,8 @@ class GraphExecutor:
         ]
         self._staged = [torch.cuda.Event() for _ in range(_STAGING_SLOTS)]
         self._used = [False] * _STAGING_SLOTS
+        # (position, settings) the last sampler moved the staged input on to.
+        self._ahead: tuple[int, bytes] | None = None
         self._slot = 0
         # One pinned slot per captured graph: with a step in flight behind the
         # one being read, the two must not write the same word.
@@ -304,7 +308,13 @@ class GraphExecutor:
         # first, and the second makes the variant that decode_tokens alternates.
         picks = [
             kernels.sample(
-                logits, part_max, part_idx, self._cfg, self._ids, self._token_host[i : i + 1]
+                logits,
+                part_max,
+                part_idx,
+                self._cfg,
+                self._ids,
+                self._token_host[i : i + 1],
+                advance=self._step_in[4:12].view(torch.int32),
             )
             for i in (0, 1)
         ]
@@ -349,12 +359,18 @@ class GraphExecutor:
     def _capture(self) -> None:
         # Warm up outside capture: the first launch of each kernel loads its module
         # and sets its attributes, neither of which may happen while capturing.
+        # Each pass runs the staged step (so it writes only the rows this step
+        # writes); its sampler overwrites the input id and moves the position
+        # on: the staged input is put back before each pass and after.
+        staged = self._step_in.clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
+                self._step_in.copy_(staged)
                 for la in self.launches:
                     la(side.cuda_stream, pdl=self.pdl)
+            self._step_in.copy_(staged)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graphs = []
         for launches in self._variants:
@@ -385,25 +401,28 @@ class GraphExecutor:
         if token is not None and not 0 <= token < self.model.vocab_size:
             raise ValueError(f"token {token} is outside the vocabulary of {self.model.vocab_size}")
         with torch.cuda.device(self.device):
-            self._stage(token, config)
+            # The previous step's sampler moved the input on to this position
+            # with the same settings: nothing to copy. Otherwise stage it.
+            settings = config[: kernels.SAMPLE_CONFIG_OFFSETS[-1]]  # all but the step
+            if token is not None or self._ahead != (self.length, settings):
+                self._stage(token, config)
+            self._ahead = None
             if self.eager or stop_after is not None:
                 self._run_eager(trace, stop_after, slot)
             else:
                 if self._graphs is None:
-                    # Warm-up runs the step (at this position, so it writes only
-                    # the rows this step writes) and its sampler, which
-                    # overwrites the input id: put the id back.
-                    ids = self._ids.clone()
                     self._capture()
-                    self._ids.copy_(ids)
                 self._graphs[slot].replay()
                 if trace is not None:
                     trace(self.model.decode[-1], self._trace_bufs())
+            if stop_after is None:  # the sampler ran
+                self._ahead = (self.length + 1, settings)
             self._done[slot].record()
         self.length += 1
 
     def reset(self) -> None:
         self.length = 0
+        self._ahead = None
 
     @torch.inference_mode()
     def prefill(
@@ -420,6 +439,7 @@ class GraphExecutor:
             self._attn_ws.reset()
         logits = self._ref.prefill(ids, trace=trace, stop_after=stop_after)
         self.length = self._ref.length
+        self._ahead = None
         return logits
 
     @torch.inference_mode()

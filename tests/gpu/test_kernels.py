@@ -434,6 +434,44 @@ def test_sampling_distribution(sp):
     assert again[0] == again[1]
 
 
+def test_sample_advance():
+    """With `advance`, the sampler picks the same id, then moves the step's
+    position, length and the config's step (64-bit) on by one: the next step's
+    input, as the host would stage it."""
+    vocab, parts = 5000, 40
+    logits = (3 * torch.randn(vocab, device=DEV)).float()
+    pm, pi = logits.view(parts, -1).max(dim=1)
+    pi = (pi + torch.arange(parts, device=DEV) * (vocab // parts)).int().contiguous()
+    tok_dev = torch.zeros(1, dtype=torch.int32, device=DEV)
+    tok_host = torch.zeros(1, dtype=torch.int32).pin_memory()
+    seed = random.randrange(2**40)
+    step = 2**32 - 1 - random.randrange(2)  # 2^32 - 1 carries into the high word
+    pos = random.randrange(1, 2**20)
+
+    def config(s: int) -> torch.Tensor:
+        raw = kernels.sample_config(0.9, 50, 0.95, 0.0, seed, s)
+        return torch.tensor(list(raw), dtype=torch.uint8, device=DEV)
+
+    def pick(cfg: torch.Tensor, advance=None) -> int:
+        tok_host.fill_(-1)
+        kernels.sample(logits, pm, pi, cfg, tok_dev, tok_host, advance=advance)()
+        torch.cuda.synchronize()
+        assert int(tok_host[0]) == int(tok_dev[0])
+        return int(tok_host[0])
+
+    cfg = config(step)
+    header = torch.tensor([pos, pos + 1], dtype=torch.int32, device=DEV)
+    first = pick(cfg, header)
+    assert first == pick(config(step))
+    assert header.tolist() == [pos + 1, pos + 2]
+    assert bytes(cfg.cpu().tolist()) == kernels.sample_config(0.9, 50, 0.95, 0.0, seed, step + 1)
+    second = pick(cfg, header)
+    assert second == pick(config(step + 1))
+    assert header.tolist() == [pos + 2, pos + 3]
+    with pytest.raises(ValueError, match="advance"):
+        kernels.sample(logits, pm, pi, cfg, tok_dev, tok_host, advance=header[:1])
+
+
 def test_embed():
     table = torch.randn(5000, 2048, device=DEV).to(BF)
     ids = torch.tensor([4321], dtype=torch.int32, device=DEV)
