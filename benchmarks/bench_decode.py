@@ -92,12 +92,14 @@ def staged_graph_executor(workload: str, context: int):
     from tilert.engine.executors.graph import GraphExecutor
 
     cfg = dict(WORKLOADS[workload])
-    cfg["max_position_embeddings"] = context + 64
+    cfg["max_position_embeddings"] = context + 256  # room for replays that move on
     model = describe(cfg)
     src, _ = random_source(cfg, "cuda")
     ex = GraphExecutor(model, src, device="cuda")
     ex.prefill([i % model.vocab_size for i in range(context)])
-    ex.decode(1)
+    ex.decode(1)  # captures the executor's graphs; its sampler moved the position on
+    ex.length = context
+    ex._stage(None, ex._sample_config(None))
     return cfg, ex
 
 

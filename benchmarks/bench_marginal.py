@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     _, ex = staged_graph_executor(args.workload, args.context)
-    launches = ex.launches
+    launches = ex.fixed_launches  # every replay at the staged position
     kinds = sorted({la.name for la in launches})
     rows = []
     for pdl in (True, False):

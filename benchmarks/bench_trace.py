@@ -19,7 +19,8 @@ last exit. Per kind, averaged over the middle layers and the traced replays:
 Armed, a block's thread 0 takes its record with an atomic before the wait: a
 block that starts late (down, behind gate_up) shows that round trip in rel.
 The executor's own (untraced) graph is also replayed back to back (median of
-5 batches of 100 replays). The traced graphs are the process's later
+5 batches of 100 replays, each batch from the context on: the executor's
+sampler moves the position on by one a replay). The traced graphs are the process's later
 instantiations, which run the step at another speed than its first (NOTES
 v10: ~25 us slower on Llama-3.2-1B): compare spans between traces, not with
 the untraced step.
@@ -80,11 +81,17 @@ def capture(launches, traced: bool, buf=None, nxt=None, pdl: bool = True):
     return graph, names
 
 
-def replay_ms(graph, n: int = 100, batches: int = 5) -> float:
+def replay_ms(graph, n: int = 100, batches: int = 5, before=None) -> float:
+    """Median over `batches` of the mean of `n` back-to-back replays; `before`
+    (if given) runs ahead of the warm-up and of each batch, untimed."""
+    if before is not None:
+        before()
     for _ in range(10):
         graph.replay()
     times = []
     for _ in range(batches):
+        if before is not None:
+            before()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(n):
@@ -195,15 +202,20 @@ def main() -> int:
     ap.add_argument("--raw", default="", help="records of one traced replay (.npz)")
     args = ap.parse_args()
     cfg, ex = staged_graph_executor(args.workload, args.context)
-    launches = ex.launches
+    launches = ex.fixed_launches  # every traced replay at the staged position
     layers = cfg["num_hidden_layers"]
     out: dict = {"device": torch.cuda.get_device_name(0), "workload": args.workload}
     print(f"{out['device']}, {args.workload}, context {args.context}")
 
     # The executor's own graph, the process's first instantiations: the traced
     # graphs come later, and a process's later graphs run Llama-3.2-1B's step
-    # ~25 us slower on an H100 (benchmarks/NOTES.md, v10).
-    out["step_ms"] = replay_ms(ex._graphs[0])
+    # ~25 us slower on an H100 (benchmarks/NOTES.md, v10). Its sampler moves
+    # the position on, so each batch starts again from the context.
+    def restage() -> None:
+        ex.length = args.context
+        ex._stage(None, ex._sample_config(None))
+
+    out["step_ms"] = replay_ms(ex._graphs[0], before=restage)
     print(f"step untraced: {out['step_ms']:.4f} ms")
 
     kinds, timeline, total = trace_step(launches, layers, args.traces, args.raw)

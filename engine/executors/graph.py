@@ -128,6 +128,10 @@ class GraphExecutor:
             self.launches = self._lower(m.decode)
         # The same step with its sampler writing the other pinned slot.
         self._variants = [self.launches, [*self.launches[:-1], self._pick_other]]
+        # The step whose sampler does not move the position on: replayed (or
+        # launched) again and again, it decodes at the staged position each time,
+        # as the benchmarks that time or trace one position need.
+        self.fixed_launches = [*self.launches[:-1], self._pick_fixed]
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         t = self.bufs.get(name)
@@ -306,6 +310,7 @@ class GraphExecutor:
         head.ops = tuple(o for o in (norm, op) if o is not None)
         # One sampler per pinned token slot; the step's launches end with the
         # first, and the second makes the variant that decode_tokens alternates.
+        # A third, which leaves the position where it is, ends fixed_launches.
         picks = [
             kernels.sample(
                 logits,
@@ -314,11 +319,11 @@ class GraphExecutor:
                 self._cfg,
                 self._ids,
                 self._token_host[i : i + 1],
-                advance=self._step_in[4:12].view(torch.int32),
+                advance=self._step_in[4:12].view(torch.int32) if advance else None,
             )
-            for i in (0, 1)
+            for i, advance in ((0, True), (1, True), (0, False))
         ]
-        self._pick_other = picks[1]
+        self._pick_other, self._pick_fixed = picks[1], picks[2]
         return [head, picks[0]]
 
     # ------------------------------------------------------------ running
@@ -326,6 +331,7 @@ class GraphExecutor:
         """Enqueues the copy of (token, position, sampling settings) for the next
         step; with token None the id stays the one the previous step's sampler
         wrote on the GPU."""
+        self._ahead = None  # the GPU's input is now the one staged here
         s = self._slot
         self._slot = (s + 1) % _STAGING_SLOTS
         if self._used[s]:

@@ -164,6 +164,32 @@ def test_pipelined_decode_matches_one_at_a_time():
         assert got == want, sp
 
 
+def test_sampler_moves_the_input_on():
+    """A step leaves the next position staged on the GPU: a stream stages its
+    first step only; fixed_launches leave the position where it is."""
+    cfg = MODELS["llama-small"]
+    model = describe(cfg)
+    src = memory_source(random_weights(cfg, random.randrange(2**31), "cuda"))
+    ex = make_executor("graph", model, src, "cuda", torch.bfloat16)
+    prompt = [random.randrange(model.vocab_size) for _ in range(5)]
+    ex.prefill(prompt)
+    ex.decode_token(3)
+    assert int(ex._pos) == ex.length == len(prompt) + 1
+    staged = []
+    stage = ex._stage
+    ex._stage = lambda token, config: (staged.append(token), stage(token, config))[1]
+    tokens = list(ex.decode_tokens(4, None, count=12))
+    assert len(tokens) == 12 and staged == [4]
+    assert int(ex._pos) == ex.length == len(prompt) + 13
+    for la in ex.fixed_launches:
+        la(pdl=False)
+    assert int(ex._pos) == ex.length
+    # A host token, or other settings, are staged again.
+    ex.decode_token(5)
+    list(ex.decode_tokens(6, SamplingParams(temperature=0.5, seed=1), count=3))
+    assert staged == [4, 5, 6]
+
+
 def test_stop_after_and_trace_bisect():
     cfg = MODELS["llama-small"]
     model = describe(cfg)
