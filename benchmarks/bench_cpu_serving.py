@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -193,6 +194,8 @@ def serving(args) -> dict:
         asyncio.run(server._serve())
     finally:
         server.engine.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(args.port_file)
     return result
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import time
 
 import pytest
@@ -20,8 +19,8 @@ LONG = dict(max_tokens=400, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def faulty():
-    stall = os.path.join(tempfile.mkdtemp(prefix="tilert-stall-"), "stall")
+def faulty(tmp_path_factory):
+    stall = os.path.join(tmp_path_factory.mktemp("stall"), "stall")
     s = ServerProcess("--stall-timeout", "1.5", env={"TILERT_TEST_STALL_FILE": stall})
     s.stall_file = stall
     try:

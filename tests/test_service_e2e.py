@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import grpc
@@ -124,8 +123,9 @@ def test_async_client_streams(server):
     assert info.context_length == 8192 and info.vocab_size == 49152 and info.has_chat_template
 
 
-def test_readiness_unix_socket_and_reflection():
-    sock = os.path.join(tempfile.mkdtemp(prefix="tilert-sock-"), "s.sock")
+def test_readiness_unix_socket_and_reflection(tmp_path_factory):
+    # A short directory of its own: a socket path has ~100 characters at most.
+    sock = os.path.join(tmp_path_factory.mktemp("sock", numbered=True), "s.sock")
     s = ServerProcess("--reflection", "--unix-socket", sock)
     try:
         # Liveness at once; readiness only after the model loaded.
