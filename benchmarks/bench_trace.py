@@ -216,6 +216,7 @@ def main() -> int:
         ex._stage(None, ex._sample_config(None))
 
     out["step_ms"] = replay_ms(ex._graphs[0], before=restage)
+    restage()  # the traces below replay the staged position
     print(f"step untraced: {out['step_ms']:.4f} ms")
 
     kinds, timeline, total = trace_step(launches, layers, args.traces, args.raw)

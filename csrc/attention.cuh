@@ -8,9 +8,10 @@
 //
 // The cache rows of earlier tokens do not depend on the previous kernel (only
 // the current position's row does, written by the QKV GEMV), and the position
-// itself is copied in before the step: a block stages the first kAttnStaged
-// positions of its slice into shared memory before griddepcontrol.wait (and
-// the rest, if any, in rounds of kAttnStaged after it). After the wait the
+// itself is set before the step's graph starts (by the host's copy or by the
+// previous step's sampler, across a graph boundary): a block stages the first
+// kAttnStaged positions of its slice into shared memory before
+// griddepcontrol.wait (and the rest, if any, in rounds of kAttnStaged after it). After the wait the
 // block's critical path is a few L2 round trips (q and the current row; the
 // stamped partial results, read by the merging split as they land) around
 // phases of shared-memory work. The launch has
@@ -116,7 +117,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   __shared__ unsigned s_stamp, s_last;
 
   const unsigned long long t0 = trace_clock(p.trace);
-  const int pos = *p.pos;  // copied in before the step, not by the previous kernel
+  const int pos = *p.pos;  // set before the step's graph starts, not by the previous kernel
   const int len = pos + 1;
   const int splits = attention_active_splits(len, kD, p.splits);
   if (split >= splits) {

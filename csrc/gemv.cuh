@@ -356,8 +356,9 @@ __device__ __forceinline__ void gemv_block(const GemvParams& p, char* smem) {
 #pragma unroll 1
   for (int s = 0; s < kGemvStages; ++s) gemv_load_step(p, L, tiles, steps, ring, s);
   gemv_load_norm(p, xs);
-  // The position is a step input, copied in before the step (never written by
-  // a kernel of it), so it is read before the wait.
+  // The position is a step input, set before the step's graph starts (by the
+  // host's copy or by the previous step's sampler: never by a kernel of this
+  // step, and never across a programmatic edge), so it is read before the wait.
   const int pos = p.epilogue == kRopeKv ? *p.pos : 0;
   unsigned long long* rec = trace_open(p.trace, t0);
   if (!p.late_trigger) pdl_launch_dependents();

@@ -31,7 +31,9 @@ struct SampleParams {
   SampleConfig* cfg;
   // Optional [position, length] of the step's input: moved on by one, with
   // cfg->step, once the id is chosen, so that a step that follows with the
-  // same settings needs nothing from the host.
+  // same settings needs nothing from the host. The GEMV and the attention read
+  // the position before their wait: the step that follows must start after
+  // this kernel has ended (a new graph launch, not a programmatic edge).
   int* advance;
   int* token_dev;   // next step's input id
   int* token_host;  // host-mapped: the only thing the host waits for

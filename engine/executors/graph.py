@@ -126,7 +126,12 @@ class GraphExecutor:
             self.launches = graph_deepseek.lower(self, m.decode)
         else:
             self.launches = self._lower(m.decode)
-        # The same step with its sampler writing the other pinned slot.
+        # The same step with its sampler writing the other pinned slot. The
+        # sampler of both moves the staged position on, which the next step's
+        # kernels read before their wait: steps follow each other across a
+        # graph launch (or launches without PDL), never a programmatic edge.
+        # Launching them from outside the executor leaves _ahead stale: stage
+        # (_stage) before the executor steps again.
         self._variants = [self.launches, [*self.launches[:-1], self._pick_other]]
         # The step whose sampler does not move the position on: replayed (or
         # launched) again and again, it decodes at the staged position each time,

@@ -188,6 +188,16 @@ def test_sampler_moves_the_input_on():
     ex.decode_token(5)
     list(ex.decode_tokens(6, SamplingParams(temperature=0.5, seed=1), count=3))
     assert staged == [4, 5, 6]
+    ex._step(None, ex._sample_config(SamplingParams(temperature=0.7, seed=2)), None, None)
+    assert staged == [4, 5, 6, None] and int(ex._pos) == ex.length
+    # A stream to the end of the context: every position once, then the error.
+    ex.prefill(prompt)
+    end = model.context_length - len(prompt) - 1
+    tokens = list(ex.decode_tokens(7, None, count=end))
+    assert len(tokens) == end and ex.length == model.context_length - 1
+    assert int(ex._pos) == ex.length
+    with pytest.raises(ValueError, match="exceeds the context"):
+        list(ex.decode_tokens(8, None))
 
 
 def test_stop_after_and_trace_bisect():
