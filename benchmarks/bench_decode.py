@@ -98,9 +98,17 @@ def staged_graph_executor(workload: str, context: int):
     ex = GraphExecutor(model, src, device="cuda")
     ex.prefill([i % model.vocab_size for i in range(context)])
     ex.decode(1)  # captures the executor's graphs; its sampler moved the position on
-    ex.length = context
-    ex._stage(None, ex._sample_config(None))
+    restage(ex, context)
     return cfg, ex
+
+
+def restage(ex, position: int) -> None:
+    """Stages the next step of a graph executor at `position` (greedy, the input
+    id left as the last sampler wrote it): its captured graphs move the
+    position on by one a replay, so replays that should time one place start
+    from here."""
+    ex.length = position
+    ex._stage(None, ex._sample_config(None))
 
 
 def weight_bytes_per_token(cfg: dict) -> int:

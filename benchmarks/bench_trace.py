@@ -20,10 +20,10 @@ Armed, a block's thread 0 takes its record with an atomic before the wait: a
 block that starts late (down, behind gate_up) shows that round trip in rel.
 The executor's own (untraced) graph is also replayed back to back (median of
 5 batches of 100 replays, each batch from the context on: the executor's
-sampler moves the position on by one a replay). The traced graphs are the process's later
-instantiations, which run the step at another speed than its first (NOTES
-v10: ~25 us slower on Llama-3.2-1B): compare spans between traces, not with
-the untraced step.
+sampler moves the position on by one a replay). The traced graphs are the
+process's later instantiations, which run the step at another speed than its
+first (NOTES v10: ~25 us slower on Llama-3.2-1B): compare spans between
+traces, not with the untraced step.
 Prints tables; --json writes them, --raw the records of one traced replay
 (numpy .npz: records [n, 7] int64 and the launch names).
 """
@@ -38,7 +38,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from bench_decode import staged_graph_executor  # beside this script
+from bench_decode import restage, staged_graph_executor  # beside this script
 
 from tilert.engine.cuda import kernels
 
@@ -211,12 +211,8 @@ def main() -> int:
     # graphs come later, and a process's later graphs run Llama-3.2-1B's step
     # ~25 us slower on an H100 (benchmarks/NOTES.md, v10). Its sampler moves
     # the position on, so each batch starts again from the context.
-    def restage() -> None:
-        ex.length = args.context
-        ex._stage(None, ex._sample_config(None))
-
-    out["step_ms"] = replay_ms(ex._graphs[0], before=restage)
-    restage()  # the traces below replay the staged position
+    out["step_ms"] = replay_ms(ex._graphs[0], before=lambda: restage(ex, args.context))
+    restage(ex, args.context)  # the traces below replay the staged position
     print(f"step untraced: {out['step_ms']:.4f} ms")
 
     kinds, timeline, total = trace_step(launches, layers, args.traces, args.raw)

@@ -103,6 +103,7 @@ class GraphExecutor:
         self._ids = self._step_in[0:4].view(torch.int32)
         self._pos = self._step_in[4:8].view(torch.int32)
         self._len = self._step_in[8:12].view(torch.int32)
+        self._pos_len = self._step_in[4:12].view(torch.int32)  # the sampler moves both on
         self._cfg = self._step_in[_STEP_HEADER.size :]
         self._staging = [
             torch.zeros_like(self._step_in, device="cpu").pin_memory()
@@ -324,7 +325,7 @@ class GraphExecutor:
                 self._cfg,
                 self._ids,
                 self._token_host[i : i + 1],
-                advance=self._step_in[4:12].view(torch.int32) if advance else None,
+                advance=self._pos_len if advance else None,
             )
             for i, advance in ((0, True), (1, True), (0, False))
         ]
