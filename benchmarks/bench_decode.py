@@ -107,8 +107,7 @@ def restage(ex, position: int) -> None:
     id left as the last sampler wrote it): its captured graphs move the
     position on by one a replay, so replays that should time one place start
     from here."""
-    ex.length = position
-    ex._stage(None, ex._sample_config(None))
+    ex.stage(position)
 
 
 def weight_bytes_per_token(cfg: dict) -> int:

@@ -53,13 +53,10 @@ def profile_launches(ex, context: int, steps: int = 10) -> list[dict]:
     """Device time of each launch of one step: launched without PDL with an
     event after each, all enqueued behind a sleeping kernel so that the host's
     enqueue rate (~15 us a launch from Python) does not show in the gaps."""
-    from tilert.engine.cuda import kernels
-
     per: list[list[float]] = [[] for _ in ex.launches]
     stream = torch.cuda.current_stream()
     for i in range(steps):
-        ex.length = context
-        ex._stage((11 * i + 5) % ex.model.vocab_size, kernels.sample_config())
+        ex.stage(context, (11 * i + 5) % ex.model.vocab_size)
         events = [torch.cuda.Event(enable_timing=True) for _ in range(len(ex.launches) + 1)]
         torch.cuda._sleep(50_000_000)  # ~25 ms: longer than enqueueing the step
         events[0].record()

@@ -28,6 +28,10 @@ SAMPLE_CONFIG_BYTES = SAMPLE_CONFIG.size
 SAMPLE_CONFIG_OFFSETS = tuple(
     struct.calcsize(SAMPLE_CONFIG.format[: 1 + i]) for i in range(len(SAMPLE_CONFIG.format) - 1)
 )
+# The bytes before the step, the last field (its offset is checked against the
+# library with the others): a stream's settings, which stay while the step moves.
+SAMPLE_SETTINGS_BYTES = SAMPLE_CONFIG_OFFSETS[-1]
+assert SAMPLE_SETTINGS_BYTES + struct.calcsize("<Q") == SAMPLE_CONFIG_BYTES
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int

@@ -415,7 +415,7 @@ class GraphExecutor:
         with torch.cuda.device(self.device):
             # The previous step's sampler moved the input on to this position
             # with the same settings: nothing to copy. Otherwise stage it.
-            settings = config[: kernels.SAMPLE_CONFIG_OFFSETS[-1]]  # all but the step
+            settings = config[: kernels.SAMPLE_SETTINGS_BYTES]  # all but the step
             if token is not None or self._ahead != (self.length, settings):
                 self._stage(token, config)
             self._ahead = None
@@ -435,6 +435,25 @@ class GraphExecutor:
     def reset(self) -> None:
         self.length = 0
         self._ahead = None
+
+    @torch.inference_mode()
+    def stage(
+        self, position: int, token: int | None = None, sampling: SamplingParams | None = None
+    ) -> None:
+        """Sets the next step's input: position (the length so far), the input
+        id (None: the one the last sampler wrote on the GPU) and the sampling
+        settings. For callers that replay the captured graphs (`_graphs`,
+        `fixed_launches`) themselves, as the benchmarks do: the executor's
+        own steps stage what they need."""
+        if not 0 <= position < self.model.context_length:
+            raise ValueError(
+                f"position {position} is outside the context of {self.model.context_length}"
+            )
+        if token is not None and not 0 <= token < self.model.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary of {self.model.vocab_size}")
+        self.length = position
+        with torch.cuda.device(self.device):
+            self._stage(token, self._sample_config(sampling))
 
     @torch.inference_mode()
     def prefill(

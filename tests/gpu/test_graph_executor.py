@@ -190,6 +190,20 @@ def test_sampler_moves_the_input_on():
     assert staged == [4, 5, 6]
     ex._step(None, ex._sample_config(SamplingParams(temperature=0.7, seed=2)), None, None)
     assert staged == [4, 5, 6, None] and int(ex._pos) == ex.length
+    # stage(), the way in for callers that replay the launches themselves:
+    # fixed_launches at a staged host token pick what decode_token picks there.
+    at = ex.length
+    ex.stage(at, 9)
+    for la in ex.fixed_launches:
+        la(pdl=False)
+    torch.cuda.synchronize()
+    picked = int(ex._token_host[0])
+    assert int(ex._pos) == ex.length == at
+    assert ex.decode_token(9) == picked and ex.length == at + 1
+    with pytest.raises(ValueError, match="outside the context"):
+        ex.stage(model.context_length)
+    with pytest.raises(ValueError, match="vocabulary"):
+        ex.stage(0, model.vocab_size)
     # A stream to the end of the context: every position once, then the error.
     ex.prefill(prompt)
     end = model.context_length - len(prompt) - 1
