@@ -40,6 +40,13 @@ int tilert_attention_supported(int head_dim, int group) {
   return (head_dim == 64 || head_dim == 128) && group >= 1 && group <= 8;
 }
 
+// Positions a split stages in shared memory a round (kAttnStaged), or -1.
+int tilert_attention_staged_rows(int head_dim) {
+  if (head_dim == 64) return kAttnStaged<64>;
+  if (head_dim == 128) return kAttnStaged<128>;
+  return -1;
+}
+
 // Splits of a kv head a launch uses at length `len` (attention_active_splits), or -1.
 int tilert_attention_active_splits(int len, int head_dim, int splits) {
   if (len < 1 || splits < 1 || !tilert_attention_supported(head_dim, 1)) return -1;

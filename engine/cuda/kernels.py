@@ -41,6 +41,7 @@ _SIGNATURES = {
     "tilert_embed": [_P, _P, _P, _I, _P, _I],
     "tilert_attention": [_P] * 8 + [_I] * 4 + [_F, _I, _P, _I],
     "tilert_attention_active_splits": [_I] * 3,
+    "tilert_attention_staged_rows": [_I],
     "tilert_gemv_plan": [_I] * 5 + [ctypes.POINTER(ctypes.c_int)] * 2,
     "tilert_gemv_plan_for": [_I] * 6 + [ctypes.POINTER(ctypes.c_int)] * 2,
     "tilert_attention_supported": [_I, _I],

@@ -327,7 +327,8 @@ def test_attention(heads, kv_heads, d, length, positions):
     # split); as many as leave every split one round of more than 64
     # positions (head dim 64).
     full = kernels.attention_splits(positions, kv_heads, sms)
-    configs = {1, full, min(256, 2 * full), 7, -(-length // (3 * 8192 // (4 * d)))}
+    staged = kernels.lib().tilert_attention_staged_rows(d)
+    configs = {1, full, min(256, 2 * full), 7, -(-length // staged)}
     for splits in sorted(configs):
         ws = kernels.AttentionWorkspace.make(heads, kv_heads, d, splits, DEV)
         count = 0  # the kernel's launch count of every kv head, mirrored
