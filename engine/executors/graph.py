@@ -451,9 +451,10 @@ class GraphExecutor:
             )
         if token is not None and not 0 <= token < self.model.vocab_size:
             raise ValueError(f"token {token} is outside the vocabulary of {self.model.vocab_size}")
+        config = self._sample_config(sampling, step=position)  # refuses what the GPU lacks
         self.length = position
         with torch.cuda.device(self.device):
-            self._stage(token, self._sample_config(sampling))
+            self._stage(token, config)
 
     @torch.inference_mode()
     def prefill(
@@ -482,7 +483,9 @@ class GraphExecutor:
         self._step(int(token), kernels.sample_config(), trace, stop_after)
         return self.bufs["logits"]
 
-    def _sample_config(self, sampling: SamplingParams | None) -> bytes:
+    def _sample_config(self, sampling: SamplingParams | None, step: int | None = None) -> bytes:
+        """The SampleConfig bytes of `sampling` (greedy when None) for a step at
+        `step` (default: the current length)."""
         sp = sampling or SamplingParams(temperature=0.0)
         if sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty:
             raise NotImplementedError("penalties are applied by the host sampler, not on the GPU")
@@ -492,7 +495,7 @@ class GraphExecutor:
             top_p=sp.top_p,
             min_p=sp.min_p,
             seed=sp.seed,
-            step=self.length,
+            step=self.length if step is None else step,
         )
 
     @torch.inference_mode()

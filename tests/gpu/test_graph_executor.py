@@ -204,6 +204,9 @@ def test_sampler_moves_the_input_on():
         ex.stage(model.context_length)
     with pytest.raises(ValueError, match="vocabulary"):
         ex.stage(0, model.vocab_size)
+    with pytest.raises(NotImplementedError, match="penalties"):
+        ex.stage(0, sampling=SamplingParams(repetition_penalty=1.2))
+    assert ex.length == at + 1  # a refused stage leaves the executor as it was
     # A stream to the end of the context: every position once, then the error.
     ex.prefill(prompt)
     end = model.context_length - len(prompt) - 1
