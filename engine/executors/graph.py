@@ -410,8 +410,7 @@ class GraphExecutor:
                 f"sequence of {self.length + 1} positions exceeds the context of "
                 f"{self.model.context_length}"
             )
-        if token is not None and not 0 <= token < self.model.vocab_size:
-            raise ValueError(f"token {token} is outside the vocabulary of {self.model.vocab_size}")
+        self._check_token(token)
         with torch.cuda.device(self.device):
             # The previous step's sampler moved the input on to this position
             # with the same settings: nothing to copy. Otherwise stage it.
@@ -436,6 +435,11 @@ class GraphExecutor:
         self.length = 0
         self._ahead = None
 
+    def _check_token(self, token: int | None) -> None:
+        """A host token must be an id of the vocabulary (None: the sampler's)."""
+        if token is not None and not 0 <= token < self.model.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary of {self.model.vocab_size}")
+
     @torch.inference_mode()
     def stage(
         self, position: int, token: int | None = None, sampling: SamplingParams | None = None
@@ -449,8 +453,7 @@ class GraphExecutor:
             raise ValueError(
                 f"position {position} is outside the context of {self.model.context_length}"
             )
-        if token is not None and not 0 <= token < self.model.vocab_size:
-            raise ValueError(f"token {token} is outside the vocabulary of {self.model.vocab_size}")
+        self._check_token(token)
         config = self._sample_config(sampling, step=position)  # refuses what the GPU lacks
         self.length = position
         with torch.cuda.device(self.device):
