@@ -13,14 +13,19 @@
 // kAttnStaged positions of its slice into shared memory before
 // griddepcontrol.wait (and the rest, if any, in rounds of kAttnStaged after it). After the wait the
 // block's critical path is a few L2 round trips (q and the current row; the
-// stamped partial results, read by the merging split as they land) around
-// phases of shared-memory work. The launch has
+// stamped partial results, read by the merging split as they land) around a
+// round's two products, which run on tensor cores (m16n8k16, the group's
+// heads as the tile's rows): on CUDA cores their shared-memory loads, beside
+// the neighbouring GEMVs' ring fills, took ~2 us a round on an H100
+// (benchmarks/NOTES.md, v12: the Llama-3.2-1B step -12 us at 1K positions,
+// -101 us at 8K). The launch has
 // `splits` blocks per kv head, but only as many take part as the current
 // length needs (attention_active_splits): a short context does not pay for
 // merging empty splits.
 #pragma once
 
 #include "common.cuh"
+#include "mma.cuh"
 #include "trace.cuh"
 
 namespace tilert {
@@ -86,14 +91,10 @@ constexpr int kAttnMaxPolls = 1 << 20;
 // heads in one line: the attention 7.46 -> 7.34 us a layer).
 constexpr int kAttnTicketLine = 32;
 
-// The work on a round of staged rows runs in three phases over all threads,
-// none of them a serial chain of shuffles:
-//   scores   s[g][t] = q[g] . K[t] in log2 units, one (head, row) a thread;
-//   softmax  one warp a head: the round's max, p = exp2(s - m) in place, the
-//            running (m, l) and the factor c that rescales earlier rounds;
-//   values   o[g][d, d+1] = o * c + sum_t p[g][t] V[t][d, d+1], one (head,
-//            dimension pair) a thread, the rows cut into `kParts` when there
-//            are fewer pairs than threads.
+// The work on a round of staged rows runs in three phases (attention_tile),
+// the two products on tensor cores. The merging block's threads take one
+// (head, dimension pair) each, `kPer` of them; with fewer pairs than threads
+// the splits it merges are cut into `kParts` parts.
 template <int kD, int kG>
 struct AttnShape {
   static constexpr int kT = kAttnStaged<kD>;
@@ -105,15 +106,30 @@ struct AttnShape {
   static constexpr int kSpan = kParts > 1 ? kPairs : kAttnThreads;  // threads of one part
 };
 
+// Element (row r, column c) of a staged [kT][kD] bf16 tile: the row's 16-byte
+// pieces are permuted by the row's low three bits, so the 8 rows an ldmatrix
+// reads at one column sit in 8 different bank groups (unpadded rows of 128 or
+// 256 bytes would put them all in one).
+template <int kD>
+__device__ __forceinline__ int attn_swz(int r, int c) {
+  return r * kD + ((((c >> 3) ^ (r & 7))) << 3) + (c & 7);
+}
+
 template <int kD, int kG>
 __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int split) {
   using S = AttnShape<kD, kG>;
   constexpr int kT = S::kT;
+  constexpr int kQP = kD + 8;  // bf16 pitch of q's rows (conflict-free ldmatrix)
+  constexpr int kPP = kT + 8;  // bf16 pitch of the probabilities' rows
+  constexpr int kNPairs = kD / 16;            // output column pairs of n-tiles
+  constexpr int kHalves = kAttnWarps / kNPairs;  // warps a pair's rows are cut among
+  static_assert(kG <= 8 && kD % 16 == 0 && kT % 16 == 0 && kAttnWarps % kNPairs == 0, "shape");
   __shared__ __align__(16) bf16 s_k[kT * kD], s_v[kT * kD];
-  __shared__ __align__(16) float s_q[kG * kD];
-  __shared__ float s_p[kG * kT];
+  __shared__ __align__(16) bf16 s_q[kG * kQP];
+  __shared__ __align__(16) bf16 s_pb[kG * kPP];
+  __shared__ __align__(16) uint4 s_zero;  // the rows of the m16 tiles past kG read this
+  __shared__ float s_s[kG * kT];
   __shared__ float s_m[kG], s_l[kG], s_c[kG];
-  __shared__ float2 s_red[S::kParts > 1 ? (S::kParts - 1) * S::kPairs : 1];
   __shared__ unsigned s_stamp, s_last;
 
   const unsigned long long t0 = trace_clock(p.trace);
@@ -128,25 +144,38 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   const int chunk = (len + splits - 1) / splits;
   const int beg = split * chunk, end = min(len, beg + chunk);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int g8 = lane >> 2, t4 = lane & 3;  // an mma fragment's row and column pair
   const size_t stride = (size_t)p.kv_heads * kD;
-  // Rows [rb, re) into shared memory through cp.async (one commit group).
+  // Rows [rb, re) into shared memory through cp.async (one commit group); V's
+  // rows up to the next multiple of 16 past them are zeros (the value
+  // products run over whole k-steps, and 0 x a stale NaN is NaN).
   auto stage = [&](int rb, int re) {
     for (int i = threadIdx.x; i < (re - rb) * S::kChunks; i += kAttnThreads) {
       const int r = i / S::kChunks, c = (i % S::kChunks) * 8;
       const size_t src = (size_t)(rb + r) * stride + (size_t)kvh * kD + c;
-      cp_async16(s_k + r * kD + c, p.k_cache + src, true);
-      cp_async16(s_v + r * kD + c, p.v_cache + src, true);
+      cp_async16(s_k + attn_swz<kD>(r, c), p.k_cache + src, true);
+      cp_async16(s_v + attn_swz<kD>(r, c), p.v_cache + src, true);
     }
     cp_async_commit();
+  };
+  auto zero_tail = [&](int n) {
+    if (n <= 0) return;  // a split left empty by the rounding of `chunk`
+    const int n16 = (n + 15) & ~15;
+    for (int i = threadIdx.x; i < (n16 - n) * S::kChunks; i += kAttnThreads) {
+      const int r = n + i / S::kChunks, c = (i % S::kChunks) * 8;
+      *reinterpret_cast<uint4*>(s_v + attn_swz<kD>(r, c)) = make_uint4(0u, 0u, 0u, 0u);
+    }
   };
   // First round: rows of earlier tokens before the wait, the current row after it.
   const int first_end = min(end, beg + kT);
   stage(beg, max(beg, min(first_end, pos)));
+  zero_tail(first_end - beg);
   unsigned long long* rec = trace_open(p.trace, t0);
   if (threadIdx.x < kG) {
     s_m[threadIdx.x] = -INFINITY;
     s_l[threadIdx.x] = 0.f;
   }
+  if (threadIdx.x == 0) s_zero = make_uint4(0u, 0u, 0u, 0u);
   if (!p.late_trigger) pdl_launch_dependents();
   pdl_wait();
   if (p.late_trigger) pdl_launch_dependents();
@@ -165,72 +194,69 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   if (pos >= beg && pos < first_end && threadIdx.x < S::kChunks) {
     const int r = pos - beg, c = threadIdx.x * 8;
     const size_t src = (size_t)pos * stride + (size_t)kvh * kD + c;
-    *reinterpret_cast<uint4*>(s_k + r * kD + c) = __ldcg(reinterpret_cast<const uint4*>(p.k_cache + src));
-    *reinterpret_cast<uint4*>(s_v + r * kD + c) = __ldcg(reinterpret_cast<const uint4*>(p.v_cache + src));
+    *reinterpret_cast<uint4*>(s_k + attn_swz<kD>(r, c)) =
+        __ldcg(reinterpret_cast<const uint4*>(p.k_cache + src));
+    *reinterpret_cast<uint4*>(s_v + attn_swz<kD>(r, c)) =
+        __ldcg(reinterpret_cast<const uint4*>(p.v_cache + src));
   }
-  // q of the group, pre-scaled into log2 units so the softmax uses exp2.
-  const float qs = p.scale * 1.4426950408889634f;
+  // q of the group as bf16 rows (the scale is applied to the fp32 scores).
   for (int i = threadIdx.x; i < kG * S::kChunks; i += kAttnThreads) {
-    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p.q + (size_t)kvh * kG * kD) + i);
-    const __nv_bfloat162* r = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 f = __bfloat1622float2(r[e]);
-      s_q[i * 8 + 2 * e] = f.x * qs;
-      s_q[i * 8 + 2 * e + 1] = f.y * qs;
-    }
+    const int g = i / S::kChunks, c = (i % S::kChunks) * 8;
+    *reinterpret_cast<uint4*>(s_q + g * kQP + c) =
+        __ldcg(reinterpret_cast<const uint4*>(p.q + ((size_t)kvh * kG + g) * kD + c));
   }
+  const float qs = p.scale * 1.4426950408889634f;  // log2 units
 
-  float2 acc[S::kPer];
-#pragma unroll
-  for (int j = 0; j < S::kPer; ++j) acc[j] = make_float2(0.f, 0.f);
-  const int part = threadIdx.x / S::kSpan;  // >= kParts: idle in the values phase
+  // The round's work on tensor cores, as m16n8k16 tiles whose 16 rows are the
+  // group's heads (rows past kG read zeros and are never used):
+  //   scores  S [heads x 8 rows] per n-tile, warp w taking n-tiles w, w + 8;
+  //   softmax one warp a head, as before (probabilities to bf16 for the mma);
+  //   values  O [heads x 16 columns] per warp, += P . V over its share of the
+  //           round's k-steps (kHalves warps a column pair).
+  const int np = warp % kNPairs, half = warp / kNPairs;
+  float o[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  const int arow = lane & 15;  // the A operand's row this lane addresses
+  const bf16* qa = arow < kG ? s_q + arow * kQP + (lane >> 4) * 8 : reinterpret_cast<const bf16*>(&s_zero);
+  const bf16* pa = arow < kG ? s_pb + arow * kPP + (lane >> 4) * 8 : reinterpret_cast<const bf16*>(&s_zero);
+  const int a_step = arow < kG ? 16 : 0;  // rows past kG keep reading the zeros
 
   // Positions past `end` are never loaded, so unused cache slots are never read.
   for (int rb = beg; rb < end; rb += kT) {
-    const int re = min(end, rb + kT), n = re - rb;
+    const int re = min(end, rb + kT), n = re - rb, n16 = (n + 15) & ~15;
     if (rb != beg) {
       __syncthreads();  // every thread is done with the previous round's rows
       stage(rb, re);
+      zero_tail(n);
     }
     cp_async_wait<0>();
     __syncthreads();
     if (rb == beg) trace_mark(rec, 2);
-    // Scores. A thread reads its row's 16-byte pieces starting at piece t, so
-    // the 8 threads of a quarter warp hit different banks.
-    for (int i = threadIdx.x; i < kG * kT; i += kAttnThreads) {
-      const int g = i / kT, t = i % kT;
-      if (t >= n) continue;
-      const float* qg = s_q + g * kD;
-      float sc = 0.f;
+    // Scores.
+    for (int nt = warp; nt * 8 < n; nt += kAttnWarps) {
+      float sc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int c0 = 0; c0 < S::kChunks; ++c0) {
-        const int c = (c0 + t) % S::kChunks;
-        const uint4 kr = *reinterpret_cast<const uint4*>(s_k + t * kD + c * 8);
-        const float4 qa = *reinterpret_cast<const float4*>(qg + c * 8);
-        const float4 qb = *reinterpret_cast<const float4*>(qg + c * 8 + 4);
-        sc = fmaf(qa.x, bf16_lo(kr.x), sc);
-        sc = fmaf(qa.y, bf16_hi(kr.x), sc);
-        sc = fmaf(qa.z, bf16_lo(kr.y), sc);
-        sc = fmaf(qa.w, bf16_hi(kr.y), sc);
-        sc = fmaf(qb.x, bf16_lo(kr.z), sc);
-        sc = fmaf(qb.y, bf16_hi(kr.z), sc);
-        sc = fmaf(qb.z, bf16_lo(kr.w), sc);
-        sc = fmaf(qb.w, bf16_hi(kr.w), sc);
+      for (int k0 = 0; k0 < kD; k0 += 16) {
+        uint32_t a[4], b0, b1;
+        ldsm_x4(a, qa + (k0 / 16) * a_step);
+        ldsm_x2(b0, b1, s_k + attn_swz<kD>(nt * 8 + (lane & 7), k0 + ((lane >> 3) & 1) * 8));
+        mma_bf16(sc, a, b0, b1);
       }
-      s_p[g * kT + t] = sc;
+      if (g8 < kG) {
+        s_s[g8 * kT + nt * 8 + 2 * t4] = sc[0] * qs;
+        s_s[g8 * kT + nt * 8 + 2 * t4 + 1] = sc[1] * qs;
+      }
     }
     __syncthreads();
-    // Softmax statistics, one warp a head.
+    // Softmax statistics, one warp a head; probabilities past n are zeros.
     for (int g = warp; g < kG; g += kAttnWarps) {
       float mx = -INFINITY;
-      for (int t = lane; t < n; t += kWarp) mx = fmaxf(mx, s_p[g * kT + t]);
+      for (int t = lane; t < n; t += kWarp) mx = fmaxf(mx, s_s[g * kT + t]);
       mx = warp_max(mx);
       const float m_old = s_m[g], m_new = fmaxf(m_old, mx);
       float sum = 0.f;
-      for (int t = lane; t < n; t += kWarp) {
-        const float e = exp2f(s_p[g * kT + t] - m_new);
-        s_p[g * kT + t] = e;
+      for (int t = lane; t < n16; t += kWarp) {
+        const float e = t < n ? exp2f(s_s[g * kT + t] - m_new) : 0.f;
+        s_pb[g * kPP + t] = __float2bfloat16(e);
         sum += e;
       }
       sum = warp_sum(sum);
@@ -242,27 +268,23 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       }
     }
     __syncthreads();
-    // Values: this thread's (head, dimension pair)s over its part of the rows.
-    if (part < S::kParts) {
-      const int per_part = (n + S::kParts - 1) / S::kParts;
-      const int t_beg = part * per_part, t_end = min(n, t_beg + per_part);
+    // Values: rescale by the round's factor, then this warp's k-steps.
+    {
+      const float c = g8 < kG ? s_c[g8] : 1.f;
 #pragma unroll
-      for (int j = 0; j < S::kPer; ++j) {
-        const int pr = threadIdx.x % S::kSpan + j * kAttnThreads;
-        if (pr >= S::kPairs) continue;
-        const int g = pr / (kD / 2), d2 = pr % (kD / 2);
-        const float c = s_c[g];
-        float2 a = make_float2(acc[j].x * c, acc[j].y * c);
-        const float* pg = s_p + g * kT;
-        const uint32_t* vcol = reinterpret_cast<const uint32_t*>(s_v) + d2;
-#pragma unroll 8
-        for (int t = t_beg; t < t_end; ++t) {
-          const float pt = pg[t];
-          const uint32_t v = vcol[t * (kD / 2)];
-          a.x = fmaf(pt, bf16_lo(v), a.x);
-          a.y = fmaf(pt, bf16_hi(v), a.y);
-        }
-        acc[j] = a;
+      for (int j = 0; j < 2; ++j) {
+        o[j][0] *= c;
+        o[j][1] *= c;
+      }
+      const int steps = n16 / 16, per = (steps + kHalves - 1) / kHalves;
+      const int ks_end = min(steps, (half + 1) * per);
+      for (int ks = half * per; ks < ks_end; ++ks) {
+        uint32_t a[4], b[4];
+        ldsm_x4(a, pa + ks * a_step);
+        ldsm_x4_trans(b, s_v + attn_swz<kD>(ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                            np * 16 + (lane >> 4) * 8));
+        mma_bf16(o[0], a, b[0], b[1]);
+        mma_bf16(o[1], a, b[2], b[3]);
       }
     }
   }
@@ -274,21 +296,33 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     // Never 0, the stamp of a fresh workspace's words (also past 2^32 launches).
     s_stamp = launches + 1 != 0 ? launches + 1 : 1;
   }
-  // Every thread past its rows, the running (m, l) and the roles written: a
-  // split left empty by the rounding of `chunk` ran no round, hence no barrier
-  // since s_m and s_l were set.
-  __syncthreads();
-  // The parts' sums into part 0's threads (kParts > 1 means one pair a thread).
-  if (S::kParts > 1) {
-    if (part > 0 && part < S::kParts) s_red[(part - 1) * S::kPairs + threadIdx.x % S::kSpan] = acc[0];
-    __syncthreads();
-    if (part == 0) {
-      for (int q = 1; q < S::kParts; ++q) {
-        const float2 o = s_red[(q - 1) * S::kPairs + threadIdx.x];
-        acc[0].x += o.x;
-        acc[0].y += o.y;
+  // The warps' column pairs (their halves summed) into shared memory, fp32
+  // [kG][kD] over the spent V rows, then each (head, dimension pair) to a
+  // thread as before (the merge's scratch is the K rows: no barrier needed
+  // between the two). A split left empty by the rounding of `chunk` ran no
+  // round: its zeros and (m, l) = (-inf, 0) are what it publishes.
+  float* s_o = reinterpret_cast<float*>(s_v);
+  __syncthreads();  // every warp past its last values (s_v)
+#pragma unroll
+  for (int hf = 0; hf < kHalves; ++hf) {
+    if (half == hf && g8 < kG) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float* d = s_o + g8 * kD + np * 16 + j * 8 + 2 * t4;
+        d[0] = hf == 0 ? o[j][0] : d[0] + o[j][0];
+        d[1] = hf == 0 ? o[j][1] : d[1] + o[j][1];
       }
     }
+    __syncthreads();
+  }
+  const int part = threadIdx.x / S::kSpan;  // the merge cuts the splits among parts
+  float2 acc[S::kPer];
+#pragma unroll
+  for (int j = 0; j < S::kPer; ++j) {
+    const int pr = threadIdx.x + j * kAttnThreads;
+    acc[j] = pr < S::kPairs && part == 0
+                 ? *reinterpret_cast<const float2*>(s_o + 2 * pr)
+                 : make_float2(0.f, 0.f);
   }
   if (part == 0) {
 #pragma unroll
