@@ -17,7 +17,7 @@
 // round's two products, which run on tensor cores (m16n8k16, the group's
 // heads as the tile's rows): on CUDA cores their shared-memory loads, beside
 // the neighbouring GEMVs' ring fills, took ~2 us a round on an H100
-// (benchmarks/NOTES.md, v12: the Llama-3.2-1B step -12 us at 1K positions,
+// (benchmarks/NOTES.md, v13: the Llama-3.2-1B step -12 us at 1K positions,
 // -101 us at 8K). The launch has
 // `splits` blocks per kv head, but only as many take part as the current
 // length needs (attention_active_splits): a short context does not pay for
