@@ -56,7 +56,9 @@ constexpr int kMaxAttnSplits = 256;  // the host never asks for more
 constexpr int kAttnWarps = kAttnThreads / kWarp;
 // Positions a split takes while the launch has splits to spare (8 KB of K and
 // V rows): a split of a 1K context is one round of 64 positions; 128 rows a
-// split took 3 us of shared-memory work after the wait on an H100.
+// split took 3 us of shared-memory work after the wait on an H100 (CUDA-core
+// products), and with tensor cores splits of 80 or 96 positions (fewer
+// blocks) were still 18 us a step slower at 1K (benchmarks/NOTES.md, v13).
 __host__ __device__ constexpr int attention_split_rows(int head_dim) { return 8192 / (head_dim * 2); }
 template <int kD>
 constexpr int kAttnSplitRows = attention_split_rows(kD);
