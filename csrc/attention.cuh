@@ -123,6 +123,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   constexpr int kT = S::kT;
   constexpr int kQP = kD + 8;  // bf16 pitch of q's rows (conflict-free ldmatrix)
   constexpr int kPP = kT + 8;  // bf16 pitch of the probabilities' rows
+  constexpr int kSP = kT + 8;  // fp32 pitch of the scores' rows (heads in different banks)
   constexpr int kNPairs = kD / 16;            // output column pairs of n-tiles
   constexpr int kHalves = kAttnWarps / kNPairs;  // warps a pair's rows are cut among
   static_assert(kG <= 8 && kD % 16 == 0 && kT % 16 == 0 && kAttnWarps % kNPairs == 0, "shape");
@@ -130,7 +131,7 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   __shared__ __align__(16) bf16 s_q[kG * kQP];
   __shared__ __align__(16) bf16 s_pb[kG * kPP];
   __shared__ __align__(16) uint4 s_zero;  // the rows of the m16 tiles past kG read this
-  __shared__ float s_s[kG * kT];
+  __shared__ __align__(8) float s_s[kG * kSP];
   __shared__ float s_m[kG], s_l[kG], s_c[kG];
   __shared__ unsigned s_stamp, s_last;
 
@@ -148,9 +149,9 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int g8 = lane >> 2, t4 = lane & 3;  // an mma fragment's row and column pair
   const size_t stride = (size_t)p.kv_heads * kD;
-  // Rows [rb, re) into shared memory through cp.async (one commit group); V's
-  // rows up to the next multiple of 16 past them are zeros (the value
-  // products run over whole k-steps, and 0 x a stale NaN is NaN).
+  // Rows [rb, re) into shared memory through cp.async (one commit group).
+  // zero_tail(n): V's rows from a round's n rows up to the next multiple of
+  // 16 (the value products run over whole k-steps, and 0 x a stale NaN is NaN).
   auto stage = [&](int rb, int re) {
     for (int i = threadIdx.x; i < (re - rb) * S::kChunks; i += kAttnThreads) {
       const int r = i / S::kChunks, c = (i % S::kChunks) * 8;
@@ -218,8 +219,9 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
   const int np = warp % kNPairs, half = warp / kNPairs;
   float o[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
   const int arow = lane & 15;  // the A operand's row this lane addresses
-  const bf16* qa = arow < kG ? s_q + arow * kQP + (lane >> 4) * 8 : reinterpret_cast<const bf16*>(&s_zero);
-  const bf16* pa = arow < kG ? s_pb + arow * kPP + (lane >> 4) * 8 : reinterpret_cast<const bf16*>(&s_zero);
+  const bf16* zero = reinterpret_cast<const bf16*>(&s_zero);
+  const bf16* qa = arow < kG ? s_q + arow * kQP + (lane >> 4) * 8 : zero;
+  const bf16* pa = arow < kG ? s_pb + arow * kPP + (lane >> 4) * 8 : zero;
   const int a_step = arow < kG ? 16 : 0;  // rows past kG keep reading the zeros
 
   // Positions past `end` are never loaded, so unused cache slots are never read.
@@ -243,23 +245,23 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
         ldsm_x2(b0, b1, s_k + attn_swz<kD>(nt * 8 + (lane & 7), k0 + ((lane >> 3) & 1) * 8));
         mma_bf16(sc, a, b0, b1);
       }
-      if (g8 < kG) {
-        s_s[g8 * kT + nt * 8 + 2 * t4] = sc[0] * qs;
-        s_s[g8 * kT + nt * 8 + 2 * t4 + 1] = sc[1] * qs;
-      }
+      if (g8 < kG)
+        *reinterpret_cast<float2*>(s_s + g8 * kSP + nt * 8 + 2 * t4) =
+            make_float2(sc[0] * qs, sc[1] * qs);
     }
     __syncthreads();
     // Softmax statistics, one warp a head; probabilities past n are zeros.
     for (int g = warp; g < kG; g += kAttnWarps) {
       float mx = -INFINITY;
-      for (int t = lane; t < n; t += kWarp) mx = fmaxf(mx, s_s[g * kT + t]);
+      for (int t = lane; t < n; t += kWarp) mx = fmaxf(mx, s_s[g * kSP + t]);
       mx = warp_max(mx);
       const float m_old = s_m[g], m_new = fmaxf(m_old, mx);
       float sum = 0.f;
       for (int t = lane; t < n16; t += kWarp) {
-        const float e = t < n ? exp2f(s_s[g * kT + t] - m_new) : 0.f;
-        s_pb[g * kPP + t] = __float2bfloat16(e);
-        sum += e;
+        // The sum is of the probabilities the value product uses (bf16).
+        const bf16 e = __float2bfloat16(t < n ? exp2f(s_s[g * kSP + t] - m_new) : 0.f);
+        s_pb[g * kPP + t] = e;
+        sum += __bfloat162float(e);
       }
       sum = warp_sum(sum);
       if (lane == 0) {

@@ -296,6 +296,9 @@ ATTN_CASES = [
     (64, 8, 128, 1500, 2048),  # 8 heads a kv head, two output pairs a thread
     (8, 8, 64, 700, 1024),  # one head a kv head: the rows cut into four parts
     (28, 4, 128, 2113, 8192),  # 66 splits of 33 (twice 33): the last split is empty
+    (16, 8, 64, 1100, 2048),  # two heads a kv head
+    (40, 8, 128, 777, 1024),  # five
+    (24, 4, 64, 3001, 4096),  # six, several rounds a split
 ]
 
 
@@ -314,7 +317,7 @@ def test_attention(heads, kv_heads, d, length, positions):
         {"kv_heads": kv_heads, "k_cache": "k", "v_cache": "v"},
     )
     # The reference op on fp32 copies of the same bf16 inputs: the kernel keeps
-    # scores and probabilities in fp32, which the bf16 reference rounds.
+    # scores in fp32 and rounds the probabilities to bf16 for the value product.
     caches = {"k": kc.float(), "v": vc.float()}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     # Four launches on one workspace, each with its own q and length: a merge
@@ -329,8 +332,15 @@ def test_attention(heads, kv_heads, d, length, positions):
     full = kernels.attention_splits(positions, kv_heads, sms)
     staged = kernels.lib().tilert_attention_staged_rows(d)
     configs = {1, full, min(256, 2 * full), 7, -(-length // staged)}
+    # Before each launch, one over caches of NaN only at every position: its
+    # blocks leave NaN rows in the shared memory the next launch's blocks
+    # find, where rows past a round's end must not reach the output.
+    nan_k, nan_v = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
     for splits in sorted(configs):
         ws = kernels.AttentionWorkspace.make(heads, kv_heads, d, splits, DEV)
+        poison_ws = kernels.AttentionWorkspace.make(heads, kv_heads, d, splits, DEV)
+        last = torch.tensor([positions - 1], dtype=torch.int32, device=DEV)
+        poison_out = torch.empty(heads * d, device=DEV, dtype=BF)
         count = 0  # the kernel's launch count of every kv head, mirrored
         for launch, n in enumerate(lengths):
             if launch == 3:
@@ -340,6 +350,7 @@ def test_attention(heads, kv_heads, d, length, positions):
             ctx = StepContext(n - 1, pos, caches)
             ref = run_ref("gqa_attention", op, {}, {"q": q.float()[None]}, ctx)["attn"][0]
             out = torch.full((heads * d,), float("nan"), device=DEV, dtype=BF)
+            kernels.attention(q, nan_k, nan_v, poison_out, last, poison_ws)()
             kernels.attention(q, kc, vc, out, pos, ws)()
             what = f"attention H={heads}/{kv_heads} D={d} L={n} splits={splits} #{launch}"
             close_bf16(out, ref, what)
