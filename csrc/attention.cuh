@@ -301,10 +301,11 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     s_stamp = launches + 1 != 0 ? launches + 1 : 1;
   }
   // The warps' column pairs (their halves summed) into shared memory, fp32
-  // [kG][kD] over the spent V rows, then each (head, dimension pair) to a
-  // thread as before (the merge's scratch is the K rows: no barrier needed
-  // between the two). A split left empty by the rounding of `chunk` ran no
-  // round: its zeros and (m, l) = (-inf, 0) are what it publishes.
+  // [kG][kD] over the spent V rows, from which each (head, dimension pair)
+  // goes out by one thread of part 0 (the merge's scratch is the K rows: no
+  // barrier needed between the two). A split left empty by the rounding of
+  // `chunk` ran no round: its zeros and (m, l) = (-inf, 0) are what it
+  // publishes.
   float* s_o = reinterpret_cast<float*>(s_v);
   __syncthreads();  // every warp past its last values (s_v)
 #pragma unroll
@@ -320,14 +321,6 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
     __syncthreads();
   }
   const int part = threadIdx.x / S::kSpan;  // the merge cuts the splits among parts
-  float2 acc[S::kPer];
-#pragma unroll
-  for (int j = 0; j < S::kPer; ++j) {
-    const int pr = threadIdx.x + j * kAttnThreads;
-    acc[j] = pr < S::kPairs && part == 0
-                 ? *reinterpret_cast<const float2*>(s_o + 2 * pr)
-                 : make_float2(0.f, 0.f);
-  }
   if (part == 0) {
 #pragma unroll
     for (int j = 0; j < S::kPer; ++j) {
@@ -335,13 +328,14 @@ __device__ __forceinline__ void attention_tile(const AttnParams& p, int kvh, int
       if (pr >= S::kPairs) continue;
       const int g = pr / (kD / 2), d = 2 * (pr % (kD / 2));
       const int h = kvh * kG + g;
+      const float2 o2 = *reinterpret_cast<const float2*>(s_o + g * kD + d);
       if (splits == 1) {
         const float inv = 1.f / s_l[g];
         *reinterpret_cast<__nv_bfloat162*>(p.out + (size_t)h * kD + d) =
-            __floats2bfloat162_rn(acc[j].x * inv, acc[j].y * inv);
+            __floats2bfloat162_rn(o2.x * inv, o2.y * inv);
       } else {
         const size_t slot = (size_t)h * p.splits + split;
-        st_stamped2(p.part_o + slot * kD + d, acc[j].x, acc[j].y, s_stamp);
+        st_stamped2(p.part_o + slot * kD + d, o2.x, o2.y, s_stamp);
         if (d == 0) st_stamped2(p.part_ml + 2 * slot, s_m[g], s_l[g], s_stamp);
       }
     }
