@@ -336,11 +336,11 @@ def test_attention(heads, kv_heads, d, length, positions):
     # blocks leave NaN rows in the shared memory the next launch's blocks
     # find, where rows past a round's end must not reach the output.
     nan_k, nan_v = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    last = torch.tensor([positions - 1], dtype=torch.int32, device=DEV)
+    poison_out = torch.empty(heads * d, device=DEV, dtype=BF)
     for splits in sorted(configs):
         ws = kernels.AttentionWorkspace.make(heads, kv_heads, d, splits, DEV)
         poison_ws = kernels.AttentionWorkspace.make(heads, kv_heads, d, splits, DEV)
-        last = torch.tensor([positions - 1], dtype=torch.int32, device=DEV)
-        poison_out = torch.empty(heads * d, device=DEV, dtype=BF)
         count = 0  # the kernel's launch count of every kv head, mirrored
         for launch, n in enumerate(lengths):
             if launch == 3:
